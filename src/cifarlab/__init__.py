@@ -1,0 +1,2 @@
+"""cifarlab: train and tune the course CIFAR CNN."""
+__version__ = "0.1.0"

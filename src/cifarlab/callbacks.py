@@ -1,0 +1,77 @@
+"""Callbacks built from ``cfg.callbacks``: checkpoints, progress output and early stopping."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+
+
+class EpochLines(Callback):
+    """One plain line per epoch, for logs and pipes where a live progress bar would be noise."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[int, float] | None = None  # (epoch, seconds) waiting for its epoch metrics
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_pending(trainer)
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning fills in the epoch's metrics only after this hook, so the line is printed at the next
+        # epoch's start (immediately after) or at the end of training.
+        self._pending = (trainer.current_epoch, time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print_pending(trainer)
+
+    def _print_pending(self, trainer: L.Trainer) -> None:
+        if self._pending is None or not trainer.is_global_zero:
+            return
+        epoch, seconds = self._pending
+        self._pending = None
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {epoch + 1}/{trainer.max_epochs}"]
+        for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best"):
+            if key in metrics:
+                parts.append(f"{key} {float(metrics[key]):.4f}")
+        if trainer.optimizers:
+            parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.3g}")
+        parts.append(f"{seconds:.1f}s")
+        print("  ".join(parts), flush=True)
+
+
+def build_callbacks(
+    output_dir: Path,
+    checkpoint: bool = True,
+    early_stopping_patience: int = 0,
+    progress_bar: bool | None = None,
+) -> tuple[list[Callback], bool]:
+    """Return the callbacks and whether Lightning's progress bar should be enabled."""
+    callbacks: list[Callback] = []
+    if checkpoint:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=output_dir / "checkpoints",
+                filename="epoch{epoch:03d}-acc{val/acc:.4f}",
+                auto_insert_metric_name=False,
+                monitor="val/acc",
+                mode="max",
+                save_top_k=1,
+                save_last=True,
+            )
+        )
+    if early_stopping_patience > 0:
+        callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=early_stopping_patience))
+    if progress_bar is None:
+        progress_bar = sys.stdout.isatty()
+    if progress_bar:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        callbacks.append(RichProgressBar(leave=True))
+    else:
+        callbacks.append(EpochLines())
+    return callbacks, progress_bar

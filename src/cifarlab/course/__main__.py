@@ -1,0 +1,3 @@
+from cifarlab.course.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""``python -m cifarlab.course <command>``: the course lab's demos.
+
+Commands:
+  demos          the lecture's 1-D gradient-descent pictures (x², the quartic; GD, momentum, decay, ...)
+  init-variance  output variance of a linear layer under N(0,1), Xavier and He initialisation
+  gradients      per-layer gradient norms of the course CNN: sigmoid vs ReLU, default vs He init
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_OUT = Path("course_figures")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cifarlab.course",
+        description="The deep-learning course's demos, computed with cifarlab's course optimizers and CNN.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def out_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: %(default)s)")
+
+    p = sub.add_parser("demos", help="1-D gradient descent: learning rates, local minima, momentum, decay")
+    out_arg(p)
+
+    p = sub.add_parser("init-variance", help="output variance of a linear layer under N(0,1)/Xavier/He init")
+    out_arg(p)
+    p.add_argument("--n-out", type=int, default=100, help="output width of the layer (default: %(default)s)")
+    p.add_argument("--max-n-in", type=int, default=10_000, help="largest fan-in (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=256, help="inputs per measurement (default: %(default)s)")
+
+    p = sub.add_parser("gradients", help="per-layer gradient norms of the course CNN (vanishing gradients)")
+    out_arg(p)
+    p.add_argument("--steps", type=int, default=200, help="training steps per configuration (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=32, help="synthetic image side, a multiple of 8 (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.01, help="Momentum learning rate (default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=0.9, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; 0 keeps torch's default (default: %(default)s: small convolutions gain little "
+        "from more, and lose a lot when the cores are shared)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demos":
+        from cifarlab.course import demos
+
+        demos.main(args.out)
+    elif args.command == "init-variance":
+        from cifarlab.course import init_variance
+
+        init_variance.main(args.out, n_out=args.n_out, max_n=args.max_n_in, batch=args.batch)
+    elif args.command == "gradients":
+        from cifarlab.course import gradients
+
+        if args.image_size % 8:
+            build_parser().error(f"--image-size={args.image_size} must be a multiple of 8 (three 2x poolings)")
+        if args.steps < 1:
+            build_parser().error(f"--steps={args.steps} must be at least 1")
+        gradients.main(
+            args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            lr=args.lr,
+            momentum=args.momentum,
+            seed=args.seed,
+            threads=args.threads,
+        )
+    return 0

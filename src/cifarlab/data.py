@@ -1,0 +1,397 @@
+"""Datasets held as uint8 tensors on the training device, and batched on-device augmentation.
+
+Every dataset (CIFAR-10/100, synthetic, an image folder) is loaded once into a ``(N, 3, H, W)`` uint8
+tensor. Batches are gathered from it on the device; random crop, flip and normalisation run on the whole
+batch at once. No per-sample PIL work, no worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import tarfile
+import urllib.error
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found, downloaded or read; the message says what to do."""
+
+
+# name → (archive, url, md5, extracted folder, train files, test file, label key, classes)
+CIFAR = {
+    "cifar10": dict(
+        archive="cifar-10-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        folder="cifar-10-batches-py",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        label_key="labels",
+        num_classes=10,
+    ),
+    "cifar100": dict(
+        archive="cifar-100-python.tar.gz",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        folder="cifar-100-python",
+        train=["train"],
+        test=["test"],
+        label_key="fine_labels",
+        num_classes=100,
+    ),
+}
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_cifar(root: Path, name: str, download: bool = True, verify_checksum: bool = True) -> Path:
+    """Make sure ``root/<folder>`` holds the extracted CIFAR python batches; return that folder.
+
+    A file lock makes parallel trials wait for one download instead of racing each other.
+    """
+    spec = CIFAR[name]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / spec["folder"]
+    with FileLock(str(root / f".{name}.lock")):
+        if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
+            return folder
+        archive = root / spec["archive"]
+        if not archive.is_file():
+            if not download:
+                raise DataError(
+                    f"data={name}: {archive} not found and data.download=false; put {spec['archive']} "
+                    f"({spec['url']}) there by hand, or use data=synthetic"
+                )
+            from torchvision.datasets.utils import download_url
+
+            try:
+                download_url(spec["url"], str(root), spec["archive"], md5=None)
+            except (urllib.error.URLError, OSError, RuntimeError) as err:
+                archive.unlink(missing_ok=True)
+                raise DataError(
+                    f"data={name}: could not download {spec['url']} ({type(err).__name__}: {err}); "
+                    f"put {spec['archive']} into {root}/ by hand, or use data=synthetic"
+                ) from None
+        if verify_checksum and (got := _md5(archive)) != spec["md5"]:
+            raise DataError(
+                f"data={name}: {archive} is corrupt or incomplete (md5 {got}, expected {spec['md5']}); "
+                "delete it and run again, or put a good copy there by hand"
+            )
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(root, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise DataError(
+                f"data={name}: {archive} is corrupt or incomplete ({err}); delete it and run again"
+            ) from None
+        missing = [f for f in spec["train"] + spec["test"] if not (folder / f).is_file()]
+        if missing:
+            raise DataError(f"data={name}: {archive} does not contain {folder.name}/{missing[0]}; delete it")
+    return folder
+
+
+def _read_batches(folder: Path, files: list[str], label_key: str, num_classes: int):
+    images, labels = [], []
+    for name in files:
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            data = np.asarray(batch["data"], dtype=np.uint8)
+            target = np.asarray(batch[label_key], dtype=np.int64)
+        except Exception as err:  # noqa: BLE001 - any unreadable batch gets the same advice
+            raise DataError(f"{path} is corrupt ({type(err).__name__}: {err}); delete {folder} and run again") from None
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(target) != len(data):
+            raise DataError(f"{path} is corrupt (data shape {data.shape}, {len(target)} labels); delete {folder}")
+        if len(target) and (target.min() < 0 or target.max() >= num_classes):
+            raise DataError(f"{path} is corrupt (labels outside 0..{num_classes - 1}); delete {folder}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(target)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def load_cifar(root: Path, name: str, download: bool = True, verify_checksum: bool = True):
+    """Return ``(train_x, train_y, test_x, test_y)``: uint8 (N, 3, 32, 32) images and int64 labels.
+
+    The python batches are read directly rather than through ``torchvision.datasets.CIFAR10``: that class
+    builds a per-sample PIL dataset (the slow path this project avoids) and checks every batch against the
+    official md5s, which would also reject the small archives the tests write in the same format.
+    """
+    spec = CIFAR[name]
+    folder = download_cifar(root, name, download, verify_checksum)
+    train = _read_batches(folder, spec["train"], spec["label_key"], spec["num_classes"])
+    test = _read_batches(folder, spec["test"], spec["label_key"], spec["num_classes"])
+    return (*train, *test)
+
+
+def make_synthetic(num_images: int, num_classes: int = 10, seed: int = 0, image_size: int = 32):
+    """A deterministic CIFAR-shaped dataset: uint8 images (N, 3, H, W) and int64 labels (N,).
+
+    Each class has a smooth random colour template; an image is its template, randomly shifted by up to
+    four pixels, with random contrast and strong pixel noise. A working CNN learns it far above chance
+    within an epoch or two; a broken one (e.g. no gradient flow) stays near 1/num_classes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    templates = F.interpolate(coarse, size=(image_size + 8, image_size + 8), mode="bicubic", align_corners=False)
+    labels = torch.randint(0, num_classes, (num_images,), generator=g)
+    shifts = torch.randint(0, 81, (num_images,), generator=g)  # one of the 9x9 shifts of up to 4 pixels
+    # Every class template at every shift, (classes * 81, 3, H, W); each image then is one row of it.
+    bank = torch.stack(
+        [templates[:, :, dy : dy + image_size, dx : dx + image_size] for dy in range(9) for dx in range(9)], dim=1
+    ).reshape(num_classes * 81, 3, image_size, image_size)
+    crops = bank[labels * 81 + shifts]  # (N, 3, H, W)
+    contrast = 0.5 + torch.rand(num_images, 1, 1, 1, generator=g)  # signal 0.3 vs noise 0.5: hard enough that
+    # settings matter (≈70% after 60 Adam steps, ≈97% after 200; a sigmoid net with default init stays ≈10%)
+    noise = torch.randn(num_images, 3, image_size, image_size, generator=g) * 0.5
+    images = 0.5 + 0.3 * contrast * (crops - 0.5) + noise
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def load_imagefolder(root: Path, image_size: int = 32):
+    """Decode a folder of class sub-folders once into uint8 (N, 3, S, S) images; return images, labels, classes."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data.root={str(root)!r} is not a folder; expected <root>/<class>/<image> files")
+    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
+    try:
+        dataset = ImageFolder(str(root), transform=to_tensor)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DataError(f"data.root={str(root)!r}: {err}") from None
+    images = torch.stack([dataset[i][0][:3] if dataset[i][0].shape[0] >= 3 else dataset[i][0].expand(3, -1, -1)
+                          for i in range(len(dataset))])
+    labels = torch.tensor(dataset.targets, dtype=torch.int64)
+    return images, labels, dataset.classes
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units (computed in chunks to bound memory)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean**2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image, in one gather.
+
+    (B, C, H, W) uint8 → (B, C, H, W) uint8 whose memory is channels_last (the gather yields NHWC).
+    """
+    b, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
+    flip = torch.randint(0, 2, (b,), device=device, generator=generator).bool()
+    rows = dy[:, None] + torch.arange(h, device=device)  # (B, H)
+    col_offsets = torch.arange(w, device=device)
+    col_offsets = torch.where(flip[:, None], w - 1 - col_offsets, col_offsets)  # flipping = reading backwards
+    cols = dx[:, None] + col_offsets  # (B, W)
+    out = padded[torch.arange(b, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class DeviceBatches:
+    """An iterable of ``(images, labels)`` batches gathered from uint8 tensors that live on one device.
+
+    Each pass draws a fresh permutation seeded by ``seed`` and the epoch (so a resumed run sees the same
+    order); under DDP each rank takes its own equal-sized shard of it.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean: list[float],
+        std: list[float],
+        shuffle: bool = False,
+        augment: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        epoch: Callable[[], int] = lambda: 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = True,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.channels_last = channels_last
+        device = images.device
+        # x_float = (x_uint8 / 255 - mean) / std  ==  x_uint8 * scale + shift
+        std_t = torch.tensor(std, dtype=torch.float32, device=device)
+        self.scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+        self.shift = (-torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(1, -1, 1, 1)
+
+    def _per_rank(self) -> int:
+        n = len(self.labels)
+        return n // self.world_size if self.world_size > 1 else n
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.images.device
+        generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch())
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, device=device, generator=generator)
+        else:
+            order = torch.arange(n, device=device)
+        if self.world_size > 1:
+            order = order[self.rank :: self.world_size][: self._per_rank()]
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                x = crop_flip(x, generator)
+            x = x.float() * self.scale + self.shift  # fused normalisation, still uint8-sized traffic before
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]
+
+
+class CifarDataModule(L.LightningDataModule):
+    """CIFAR-10/100, synthetic or image-folder data, split into train/val/test and served from the device."""
+
+    def __init__(
+        self,
+        name: str = "cifar10",
+        data_dir: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        augment: bool = True,
+        normalize: bool = True,
+        download: bool = True,
+        verify_checksum: bool = True,
+        num_classes: int | None = None,
+        train_size: int = 20000,
+        test_size: int = 5000,
+        root: str | None = None,
+        image_size: int = 32,
+        split_seed: int = 0,
+        seed: int = 0,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.name, self.data_dir, self.root = name, Path(data_dir), root
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_size, self.augment, self.normalize = val_size, augment, normalize
+        self.download, self.verify_checksum = download, verify_checksum
+        self.train_size, self.test_size, self.image_size = train_size, test_size, image_size
+        self.split_seed, self.seed, self.channels_last = split_seed, seed, channels_last
+        if name in CIFAR:
+            self.num_classes = CIFAR[name]["num_classes"]
+        elif name == "imagefolder":
+            classes = [p for p in Path(root or ".").iterdir() if p.is_dir()] if root and Path(root).is_dir() else []
+            self.num_classes = num_classes or len(classes)
+        else:
+            self.num_classes = num_classes or 10
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mean: list[float] = [0.0, 0.0, 0.0]
+        self.std: list[float] = [1.0, 1.0, 1.0]
+
+    def prepare_data(self) -> None:
+        if self.name in CIFAR:
+            download_cifar(self.data_dir, self.name, self.download, self.verify_checksum)
+
+    def _load(self):
+        if self.name in CIFAR:
+            return load_cifar(self.data_dir, self.name, self.download, self.verify_checksum)
+        if self.name == "synthetic":
+            x, y = make_synthetic(self.train_size + self.test_size, self.num_classes, seed=1234, image_size=self.image_size)
+            n = self.train_size
+            return x[:n], y[:n], x[n:], y[n:]
+        if self.name == "imagefolder":
+            x, y, _ = load_imagefolder(Path(self.root), self.image_size)
+            test_dir = Path(self.root).parent / "test"
+            if test_dir.is_dir():
+                tx, ty, _ = load_imagefolder(test_dir, self.image_size)
+                return x, y, tx, ty
+            n_test = min(self.test_size, len(y) // 5)
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed + 1))
+            return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
+        raise DataError(f"data.name={self.name!r} is not one of cifar10, cifar100, synthetic, imagefolder")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train_x, train_y, test_x, test_y = self._load()
+        if not 1 <= self.val_size < len(train_y):
+            raise DataError(f"data.val_size={self.val_size} is out of range; allowed: 1 <= val_size < {len(train_y)}")
+        # A fixed split (split_seed, not the run's seed) so every trial of a sweep validates on the same images.
+        perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
+        self.splits = {
+            "train": (train_x[train_idx], train_y[train_idx]),
+            "val": (train_x[val_idx], train_y[val_idx]),
+            "test": (test_x, test_y),
+        }
+        if self.normalize:
+            self.mean, self.std = channel_stats(self.splits["train"][0])
+        # else: pixels scaled to [0, 1] only (the course's ToTensor()).
+
+    def _device(self) -> torch.device:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _batches(self, split: str, train: bool) -> DeviceBatches:
+        self.setup()
+        device = self._device()
+        images, labels = self.splits[split]
+        if images.device != device:
+            images, labels = images.to(device), labels.to(device)
+            self.splits[split] = (images, labels)
+        trainer = getattr(self, "trainer", None)
+        return DeviceBatches(
+            images,
+            labels,
+            self.batch_size if train else self.eval_batch_size,
+            mean=self.mean,
+            std=self.std,
+            shuffle=train,
+            augment=train and self.augment,
+            drop_last=False,
+            seed=self.seed,
+            epoch=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+            channels_last=self.channels_last,
+        )
+
+    def train_dataloader(self) -> DeviceBatches:
+        return self._batches("train", train=True)
+
+    def val_dataloader(self) -> DeviceBatches:
+        return self._batches("val", train=False)
+
+    def test_dataloader(self) -> DeviceBatches:
+        return self._batches("test", train=False)

@@ -1,0 +1,212 @@
+"""``run(cfg) -> metrics``: every object of a training run is built here from the validated config."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cifarlab.config import ConfigError, validate
+
+
+def resolve_precision(precision: Any, accelerator: str) -> str:
+    """``auto`` → bf16-mixed where the device computes in bf16 natively, else 32-true."""
+    if str(precision) != "auto":
+        return str(precision)
+    wants_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if wants_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator in ("auto", "cpu") and torch.backends.mkldnn.is_available():
+        # oneDNN runs bf16 convolutions natively on CPUs with AVX512-BF16 or AMX.
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "bf16-mixed"
+    return "32-true"
+
+
+def default_run_name(cfg: DictConfig) -> str:
+    """e.g. ``adam-lr0.001-cosine``: optimizer class, learning rate, scheduler."""
+    optimizer = str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower()
+    scheduler = str(cfg.scheduler._target_).rsplit(".", 1)[-1] if cfg.get("scheduler") else "const"
+    return f"{optimizer}-lr{cfg.optimizer.lr:g}-{scheduler}"
+
+
+def build_datamodule(cfg: DictConfig, data_dir: str | None = None):
+    from cifarlab.data import CifarDataModule
+
+    d = cfg.data
+    return CifarDataModule(
+        name=d.name,
+        data_dir=data_dir or d.data_dir,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        val_size=d.val_size,
+        augment=d.augment,
+        normalize=d.normalize,
+        download=d.download,
+        verify_checksum=d.verify_checksum,
+        num_classes=d.num_classes,
+        train_size=d.train_size,
+        test_size=d.test_size,
+        root=d.root,
+        image_size=d.image_size,
+        split_seed=d.split_seed,
+        seed=cfg.seed,
+        channels_last=cfg.trainer.channels_last,
+    )
+
+
+def build_module(cfg: DictConfig, num_classes: int, config: dict[str, Any] | None = None):
+    from cifarlab.model import CifarCNN
+    from cifarlab.module import CifarModule
+
+    m = cfg.model
+    net = CifarCNN(num_classes, dropout=m.dropout, activation=m.activation, init=m.init, image_size=cfg.data.image_size)
+    if cfg.trainer.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return CifarModule(
+        net=net,
+        optimizer=instantiate(cfg.optimizer, _convert_="all"),
+        scheduler=instantiate(cfg.scheduler, _convert_="all") if cfg.get("scheduler") else None,
+        weight_decay=m.weight_decay,
+        num_classes=num_classes,
+        compile=cfg.trainer.compile,
+        config=config,
+    )
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, logger=None, extra_callbacks=()):
+    import lightning as L
+
+    from cifarlab.callbacks import build_callbacks
+
+    t = cfg.trainer
+    callbacks, progress_bar = build_callbacks(
+        output_dir,
+        checkpoint=cfg.callbacks.checkpoint,
+        early_stopping_patience=cfg.callbacks.early_stopping_patience,
+        progress_bar=t.enable_progress_bar,
+    )
+    strategy = t.strategy
+    if str(strategy).startswith("ddp"):
+        from cifarlab.ddp import hydra_safe_ddp
+
+        strategy = hydra_safe_ddp(strategy)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=strategy,
+        num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision, t.accelerator),
+        max_epochs=t.max_epochs,
+        limit_train_batches=_limit(t.limit_train_batches),
+        limit_val_batches=_limit(t.limit_val_batches),
+        limit_test_batches=_limit(t.limit_test_batches),
+        gradient_clip_val=t.gradient_clip_val,
+        deterministic=t.deterministic,
+        log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        benchmark=t.benchmark,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(output_dir),
+        logger=logger if logger is not None else False,
+        callbacks=callbacks + list(extra_callbacks),
+    )
+
+
+def _limit(value: Any) -> Any:
+    return None if value == 1.0 else value  # None: all batches, without Lightning's "100% of batches" notice
+
+
+def quiet_lightning() -> None:
+    """Route Lightning's log lines through Hydra's handlers once (not twice), and drop warnings that
+    only concern Lightning's internals."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+    warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+
+
+def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.split("/")[0] in ("train", "val", "test") and "_step" not in k}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically, so a reader (a sweeper, a dashboard) never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train, validate every epoch, test the best checkpoint; write metrics.json; return the metrics."""
+    validate(cfg)
+    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not allowed; allowed: an existing checkpoint file")
+    import lightning as L
+
+    from cifarlab.loggers import build_logger, finish_logger
+
+    quiet_lightning()
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    if rank_zero:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule.num_classes, config)
+    run_name = cfg.run_name or default_run_name(cfg)
+    lg = cfg.logger
+    logger = build_logger(lg.name, output_dir, run_name, config, project=lg.project, mode=lg.mode,
+                          entity=lg.entity, group=lg.group, tags=list(lg.tags), log_model=lg.log_model)
+    trainer = build_trainer(cfg, output_dir, logger)
+
+    start = time.perf_counter()
+    metrics: dict[str, Any] = {"status": "running", "run_name": run_name, "output_dir": str(output_dir)}
+    failed = True
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics.update(_float_metrics(trainer.callback_metrics))
+        if cfg.test:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            metrics.update(_float_metrics(trainer.callback_metrics))
+            metrics["best_ckpt"] = best
+        failed = False
+        metrics["status"] = "completed"
+    except BaseException as err:
+        metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        metrics["error"] = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        metrics.update(epochs=trainer.current_epoch, global_step=trainer.global_step,
+                       duration_s=round(time.perf_counter() - start, 3), precision=str(trainer.precision))
+        if trainer.is_global_zero:
+            write_json(output_dir / "metrics.json", metrics)
+        finish_logger(logger, failed)
+    if trainer.is_global_zero:
+        print_summary(metrics)
+    return metrics
+
+
+def print_summary(metrics: dict[str, Any]) -> None:
+    keys = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss", "train/loss")
+    shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
+    print(f"\n{metrics['run_name']}: {metrics['epochs']} epochs, {metrics['global_step']} steps, "
+          f"{metrics['duration_s']:.1f}s ({metrics['precision']})\n  {shown}\n  results: {metrics['output_dir']}/metrics.json",
+          file=sys.stdout, flush=True)
