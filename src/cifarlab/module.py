@@ -102,8 +102,17 @@ class CifarModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cifarlab_config"] = self.config
         checkpoint["val_acc_best"] = float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
+        # Dropout draws from the global generators: saving them makes a resumed run continue exactly like an
+        # uninterrupted one (the data order is already a function of seed and epoch).
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
+                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         best = checkpoint.get("val_acc_best")
         if best is not None:  # resumed runs keep their best-so-far accuracy
             self.val_acc_best(torch.tensor(best))
+        rng = checkpoint.get("rng_states")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
