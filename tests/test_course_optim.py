@@ -189,7 +189,7 @@ def test_momentum_buffer_is_minus_sgd_buffer_times_lr() -> None:
     o2 = torch.optim.SGD(m2.parameters(), lr=lr, momentum=0.9)
     torch_trajectory(m1, o1, steps=50)
     torch_trajectory(m2, o2, steps=50)
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+    for p1, p2 in zip(m1.parameters(), m2.parameters(), strict=True):
         m = o1.state[p1]["momentum_buffer"]
         b = o2.state[p2]["momentum_buffer"]
         torch.testing.assert_close(m, -lr * b, rtol=0, atol=1e-12)
@@ -292,7 +292,10 @@ FORMULA_CASES = {
     # stay out of that regime.
     "rmsprop": (lambda: np_rmsprop(0.001, 0.9), lambda g: RMSProp(g)),  # the class defaults
     "rmsprop_rho0.999": (lambda: np_rmsprop(0.01, 0.999), lambda g: RMSProp(g, lr=0.01, rho=0.999)),
-    "rmsprop_rho0.9": (lambda: np_rmsprop(0.005, 0.9, 1e-4), lambda g: RMSProp(g, lr=0.005, rho=0.9, eps=1e-4)),
+    "rmsprop_rho0.9": (
+        lambda: np_rmsprop(0.005, 0.9, 1e-4),
+        lambda g: RMSProp(g, lr=0.005, rho=0.9, eps=1e-4),
+    ),
     "rmsprop_eps": (lambda: np_rmsprop(0.02, 0.99, 0.3), lambda g: RMSProp(g, lr=0.02, rho=0.99, eps=0.3)),
     "adam": (lambda: np_adam(0.01, 0.9, 0.999), lambda g: Adam(g, lr=0.01)),
     "adam_no_bias_correction": (
@@ -329,7 +332,9 @@ def test_epsilon_inside_the_square_root_matters() -> None:
     problem = Quadratic(seed=2)
     ours = torch_trajectory(problem, RMSProp(problem.parameters(), lr=0.01, rho=0.9, eps=1e-2), steps=100)
     p2 = Quadratic(seed=2)
-    theirs = torch_trajectory(p2, torch.optim.RMSprop(p2.parameters(), lr=0.01, alpha=0.9, eps=1e-2), steps=100)
+    theirs = torch_trajectory(
+        p2, torch.optim.RMSprop(p2.parameters(), lr=0.01, alpha=0.9, eps=1e-2), steps=100
+    )
     assert np.abs(ours - theirs).max() > 1e-3
 
 
@@ -408,9 +413,9 @@ def test_defaults_step_without_closure_and_float32(name: str) -> None:
         nn.functional.mse_loss(net(x), y).backward()
         grads = [p.grad.clone() for p in net.parameters()]
         assert opt.step() is None
-        assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters()))
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, net.parameters(), strict=True))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in net.parameters())
-    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
     assert torch.equal(unused, torch.ones(3)) and not opt.state[unused]
 
 
@@ -480,3 +485,46 @@ def test_cuda_matches_cpu(name: str) -> None:
         opt.step()
         out.append(torch.cat([p.detach().flatten() for p in m_gpu.parameters()]).cpu().numpy())
     np.testing.assert_allclose(np.stack(out), t_cpu, rtol=0, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. conf/optimizer/course/<name>.yaml: composes, instantiates the class, and documents the class defaults
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(COURSE_OPTIMIZERS))
+def test_course_optimizer_config_composes(name: str) -> None:
+    import inspect
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF, compose_train
+
+    cls = COURSE_OPTIMIZERS[name]
+    yaml_keys = set(OmegaConf.load(CONF / "optimizer" / "course" / f"{name}.yaml")) - {"defaults"}
+    assert "weight_decay" not in yaml_keys and "_target_" not in yaml_keys
+    cfg = compose_train([f"optimizer=course/{name}"])
+    signature = inspect.signature(cls.__init__).parameters
+    for key in yaml_keys:  # the yaml repeats the class's (course) defaults
+        default = signature[key].default
+        value = cfg.optimizer[key]
+        assert (list(default) if isinstance(default, tuple) else default) == value, (name, key)
+    net = nn.Linear(3, 2)
+    opt = instantiate(cfg.optimizer)(parameter_groups(net, 0.01))
+    assert type(opt) is cls
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert opt.param_groups[0]["lr"] == signature["lr"].default
+
+
+def test_course_optimizer_config_overrides() -> None:
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+
+    cfg = compose_train(
+        ["optimizer=course/adam", "optimizer.betas=[0.8,0.99]", "optimizer.bias_correction=false"]
+    )
+    opt = instantiate(cfg.optimizer)([nn.Parameter(torch.zeros(2))])
+    assert opt.defaults["betas"] == (0.8, 0.99) and opt.defaults["bias_correction"] is False
+    cfg = compose_train(["optimizer=course/rmsprop", "optimizer.lr=3e-4", "optimizer.rho=0.99"])
+    opt = instantiate(cfg.optimizer)([nn.Parameter(torch.zeros(2))])
+    assert isinstance(opt, RMSProp) and opt.defaults["lr"] == 3e-4 and opt.defaults["rho"] == 0.99

@@ -87,7 +87,9 @@ class EMAMomentum(_CourseOptimizer):
     the first step (torch copies ``g`` into the empty buffer), so it is tested against NumPy instead.
     """
 
-    def __init__(self, params: Params, lr: float = 0.01, beta: float = 0.9, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, params: Params, lr: float = 0.01, beta: float = 0.9, weight_decay: float = 0.0
+    ) -> None:
         _check("beta", beta, 0.0, 1.0)
         super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
 
@@ -158,7 +160,9 @@ class AdaGrad(_CourseOptimizer):
     ``ε = 1e-6`` sits *inside* the square root (``torch.optim.Adagrad`` adds it outside, with 1e-10).
     """
 
-    def __init__(self, params: Params, lr: float = 0.01, eps: float = 1e-6, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, params: Params, lr: float = 0.01, eps: float = 1e-6, weight_decay: float = 0.0
+    ) -> None:
         _check("eps", eps, 0.0)
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
@@ -270,7 +274,9 @@ class DecayedGD(_CourseOptimizer):
     steps per epoch) use ``decay`` much closer to 1.
     """
 
-    def __init__(self, params: Params, lr: float = 0.1, decay: float = 0.99, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self, params: Params, lr: float = 0.1, decay: float = 0.99, weight_decay: float = 0.0
+    ) -> None:
         _check("decay", decay, 0.0, 1.0, high_open=False)
         super().__init__(params, {"lr": lr, "decay": decay, "weight_decay": weight_decay})
 

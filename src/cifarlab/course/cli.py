@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def out_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: %(default)s)")
+        p.add_argument(
+            "--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: %(default)s)"
+        )
 
     p = sub.add_parser("demos", help="1-D gradient descent: learning rates, local minima, momentum, decay")
     out_arg(p)
@@ -35,9 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("gradients", help="per-layer gradient norms of the course CNN (vanishing gradients)")
     out_arg(p)
-    p.add_argument("--steps", type=int, default=200, help="training steps per configuration (default: %(default)s)")
+    p.add_argument(
+        "--steps", type=int, default=200, help="training steps per configuration (default: %(default)s)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=32, help="synthetic image side, a multiple of 8 (default: %(default)s)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=16,
+        help="synthetic image side, a multiple of 8 (default: %(default)s, 4x cheaper than CIFAR's 32 and the same "
+        "picture; 32 takes about a minute on 2 CPU cores)",
+    )
     p.add_argument("--lr", type=float, default=0.01, help="Momentum learning rate (default: %(default)s)")
     p.add_argument("--momentum", type=float, default=0.9, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -65,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         from cifarlab.course import gradients
 
         if args.image_size % 8:
-            build_parser().error(f"--image-size={args.image_size} must be a multiple of 8 (three 2x poolings)")
+            build_parser().error(
+                f"--image-size={args.image_size} must be a multiple of 8 (three 2x poolings)"
+            )
         if args.steps < 1:
             build_parser().error(f"--steps={args.steps} must be at least 1")
         gradients.main(

@@ -143,7 +143,16 @@ def compute_runs() -> dict[str, list[Run]]:
             for x0 in starts
         ),
         *(
-            _run(f"quartic_gd_lr0.5_{_start(x0)}", "quartic", "GD η=0.5", Momentum, x0, 100, lr=0.5, momentum=0.0)
+            _run(
+                f"quartic_gd_lr0.5_{_start(x0)}",
+                "quartic",
+                "GD η=0.5",
+                Momentum,
+                x0,
+                100,
+                lr=0.5,
+                momentum=0.0,
+            )
             for x0 in starts
         ),
         *(
@@ -161,6 +170,19 @@ def compute_runs() -> dict[str, list[Run]]:
         ),
     ]
     groups["quartic_grad_scaled"] = [
+        *(
+            _run(
+                f"quartic_grad_scaled_gd_lr0.3_{_start(x0)}",
+                "quartic",
+                "GradScaledGD η₀=0.3 c=0.1",
+                GradScaledGD,
+                x0,
+                100,
+                lr=0.3,
+                c=0.1,
+            )
+            for x0 in starts
+        ),
         *(
             _run(
                 f"quartic_grad_scaled_gd_lr0.1_{_start(x0)}",
@@ -199,7 +221,7 @@ def _plot_parabola(runs: list[Run], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 8), constrained_layout=True)
     grid = np.linspace(-2.0, 2.0, 401)
-    for ax, run in zip(axes.flat, runs):
+    for ax, run in zip(axes.flat, runs, strict=True):
         xs = np.asarray(run.xs)
         ax.plot(grid, grid**2, color="0.6", lw=1.5, label="f(x) = x²")
         ax.plot(xs, xs**2, "-", color="tab:blue", lw=0.8, alpha=0.7)
@@ -209,7 +231,7 @@ def _plot_parabola(runs: list[Run], path: Path) -> None:
         ax.set_title(f"{run.label}: x₁₀ = {run.final:.6g}")
         ax.set_xlabel("x")
         ax.set_ylabel("f(x)")
-        ax.legend(loc="upper center", fontsize=8)
+        ax.legend(loc="upper center", fontsize=8, markerscale=0.7)
     fig.suptitle("Gradient descent on f(x) = x² from x₀ = 1.5 (x ← (1 − 2η)·x)")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -219,18 +241,20 @@ def _plot_quartic(rows: list[list[Run]], title: str, path: Path, crit: dict[str,
     """One row per setting: left, trajectories on f; right, x_t against t (minima as dashed lines)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 4.2 * len(rows)), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(rows), 2, figsize=(12, 4.2 * len(rows)), squeeze=False, constrained_layout=True
+    )
     grid = np.linspace(-6.0, 6.0, 601)
     fgrid = quartic_np(grid)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
-    for (ax_f, ax_t), runs in zip(axes, rows):
+    for (ax_f, ax_t), runs in zip(axes, rows, strict=True):
         ax_f.plot(grid, fgrid, color="0.6", lw=1.5, label="f(x)")
         for name, marker in (("global_min", "*"), ("local_min", "v")):
             x = crit[name]
             ax_f.plot([x], [quartic_np(x)], marker, color="tab:red", ms=14, zorder=4,
                       label=f"{name.replace('_', ' ')} x* = {x:.4f}")  # fmt: skip
             ax_t.axhline(x, color="tab:red", ls="--", lw=1)
-        for run, color in zip(runs, colors):
+        for run, color in zip(runs, colors[: len(runs)], strict=True):
             xs = np.asarray(run.xs)
             shown = np.abs(xs) <= 6.0
             ax_f.plot(xs[shown], quartic_np(xs[shown]), ".-", color=color, lw=0.7, ms=5, alpha=0.8,
@@ -239,7 +263,7 @@ def _plot_quartic(rows: list[list[Run]], title: str, path: Path, crit: dict[str,
         ax_f.set_ylim(fgrid.min() - 0.5, fgrid.max() + 0.5)
         ax_f.set_xlabel("x")
         ax_f.set_ylabel("f(x)")
-        ax_f.legend(fontsize=7, loc="upper center")
+        ax_f.legend(fontsize=7, loc="upper center", markerscale=0.6)
         ax_t.set_ylim(-6.5, 6.5)
         ax_t.set_xlabel("step t")
         ax_t.set_ylabel("x_t")
@@ -267,7 +291,11 @@ def write_figures(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
 
     for key, title, rows in (
         ("quartic_gd", "Gradient descent, η = 0.1, 100 steps", [groups["quartic_gd"]]),
-        ("quartic_momentum", "Momentum m ← μm − ηg, θ ← θ + m (η = 0.1, 100 steps)", pairs(groups["quartic_momentum"])),
+        (
+            "quartic_momentum",
+            "Momentum m ← μm − ηg, θ ← θ + m (η = 0.1, 100 steps)",
+            pairs(groups["quartic_momentum"]),
+        ),
         (
             "quartic_lr_decay",
             "Learning-rate decay η ← K·η before every step vs constant η (100 steps)",
@@ -276,7 +304,10 @@ def write_figures(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
         (
             "quartic_grad_scaled",
             "Gradient-scaled control η ← η/(1 + c·√|g|) before every step (100 steps)",
-            [groups["quartic_grad_scaled"][:2], groups["quartic_grad_scaled"][2:] + groups["quartic_lr_decay"][2:4]],
+            [
+                *pairs(groups["quartic_grad_scaled"][:4]),
+                groups["quartic_grad_scaled"][4:] + groups["quartic_lr_decay"][2:4],  # vs GD η = 0.5
+            ],
         ),
     ):
         path = out_dir / f"{key}.png"

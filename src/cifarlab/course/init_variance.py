@@ -104,11 +104,14 @@ def plot(rows: list[Row], n_out: int, path: Path) -> None:
 def main(out_dir: Path, n_out: int = 100, max_n: int = 10_000, batch: int = 256) -> list[Row]:
     rows = measure(widths(max_n), n_out=n_out, batch=batch)
     print(f"Output variance of y = W x for unit-variance inputs, nn.Linear(n_in, {n_out}), batch {batch}")
-    print(f"theory: N(0,1) → n_in;  Xavier → 2·n_in/(n_in + {n_out});  He → 2 (= 1 after a ReLU)")
-    head = "".join(f"{LABELS[s] + ' meas':>22}{'theory':>10}" for s in SCHEMES)
-    print(f"{'n_in':>6}{head}")
+    print(
+        f"theory: N(0,1) → n_in;  Xavier → 2·n_in/(n_in + {n_out}) (= 1 at n_in = n_out);  He → 2 (= 1 after a ReLU)"
+    )
+    short = {"normal": "N(0,1)", "xavier": "Xavier", "he": "He"}
+    print(f"{'':>6}" + "".join(f"  {short[s]:^21}" for s in SCHEMES))
+    print(f"{'n_in':>6}" + "  {:>10} {:>10}".format("measured", "theory") * len(SCHEMES))
     for r in rows:
-        cells = "".join(f"{r.measured[s]:>22.4g}{r.theory[s]:>10.4g}" for s in SCHEMES)
+        cells = "".join(f"  {r.measured[s]:>10.4g} {r.theory[s]:>10.4g}" for s in SCHEMES)
         print(f"{r.n_in:>6}{cells}")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "init_variance.png"
