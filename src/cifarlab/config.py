@@ -80,6 +80,8 @@ class LoggerConf:
     tags: list[str] = field(default_factory=list)
     log_model: bool = False  # upload the best checkpoint as a W&B artifact
     grad_norm_every_n_steps: int = 50  # per-layer gradient/weight norms every N steps (0: off)
+    job_type: str = "train"  # W&B job type: train | sweep-trial | sweep-summary
+    init_timeout: float = 10.0  # online: seconds W&B may take to start before the run falls back to offline
 
 
 @dataclass

@@ -31,10 +31,15 @@ def resolve_precision(precision: Any, accelerator: str) -> str:
 
 
 def default_run_name(cfg: DictConfig) -> str:
-    """e.g. ``adam-lr0.001-cosine``: optimizer class, learning rate, scheduler."""
-    optimizer = str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower()
+    """e.g. ``rmsprop-lr3e-4-cosine``: optimizer option, learning rate, scheduler; ``-j3``: job 3 of a multirun."""
+    from cifarlab.loggers import hydra_choices, multirun_job_number, short_number
+
+    choices = hydra_choices()
+    optimizer = choices.get("optimizer") or str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower()
     scheduler = str(cfg.scheduler._target_).rsplit(".", 1)[-1] if cfg.get("scheduler") else "const"
-    return f"{optimizer}-lr{cfg.optimizer.lr:g}-{scheduler}"
+    name = f"{optimizer.replace('/', '-')}-lr{short_number(cfg.optimizer.lr)}-{scheduler}"
+    job = multirun_job_number()
+    return name if job is None else f"{name}-j{job}"
 
 
 def build_datamodule(cfg: DictConfig, data_dir: str | None = None):
@@ -173,8 +178,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_name = cfg.run_name or default_run_name(cfg)
     lg = cfg.logger
     logger = build_logger(lg.name, output_dir, run_name, config, project=lg.project, mode=lg.mode,
-                          entity=lg.entity, group=lg.group, tags=list(lg.tags), log_model=lg.log_model)
-    trainer = build_trainer(cfg, output_dir, logger)
+                          entity=lg.entity, group=lg.group, tags=list(lg.tags), log_model=lg.log_model,
+                          job_type=lg.job_type, init_timeout=lg.init_timeout)
+    from cifarlab.diagnostics import run_callbacks
+
+    trainer = build_trainer(cfg, output_dir, logger, extra_callbacks=run_callbacks(cfg, output_dir, logger))
 
     start = time.perf_counter()
     metrics: dict[str, Any] = {"status": "running", "run_name": run_name, "output_dir": str(output_dir)}
@@ -198,7 +206,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                        duration_s=round(time.perf_counter() - start, 3), precision=str(trainer.precision))
         if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", metrics)
-        finish_logger(logger, failed)
+        finish_logger(logger, failed, metrics)
     if trainer.is_global_zero:
         print_summary(metrics)
     return metrics
