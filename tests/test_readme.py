@@ -1,0 +1,56 @@
+"""The README's examples: every command line composes and validates; a few are run for real."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from cifarlab.config import validate
+from tests.conftest import ROOT, TINY, compose_train, run_script
+
+README = (ROOT / "README.md").read_text()
+
+
+def readme_examples() -> list[list[str]]:
+    block = README.split("<!-- examples:start -->")[1].split("<!-- examples:end -->")[0]
+    commands = []
+    for line in block.splitlines():
+        line = line.split("  #")[0].strip()
+        if line.startswith("python "):
+            commands.append(shlex.split(line)[1:])
+    return commands
+
+
+EXAMPLES = readme_examples()
+
+
+def test_the_readme_has_a_dozen_examples():
+    assert len(EXAMPLES) >= 12
+
+
+@pytest.mark.parametrize("argv", EXAMPLES, ids=[" ".join(a) for a in EXAMPLES])
+def test_example_composes_and_validates(argv):
+    script, args = argv[0], [a for a in argv[1:] if a not in ("-m", "--help")]
+    args = [a.split(",")[0] if "=" in a and "," in a and "[" not in a else a for a in args]  # first job of a sweep
+    cfg = compose_train(args, config_name="eval" if script == "eval.py" else "train")
+    if script == "train.py":
+        validate(cfg)
+
+
+def test_make_targets_named_in_the_readme_exist():
+    makefile = (ROOT / "Makefile").read_text()
+    for target in set(re.findall(r"`make ([a-z-]+)", README)):
+        assert re.search(rf"^{target}:", makefile, re.M), target
+
+
+@pytest.mark.slow
+def test_readme_rmsprop_and_help_run(tmp_path):
+    result = run_script(["--help"])
+    assert result.returncode == 0 and "optimizer: adagrad, adam" in result.stdout
+    result = run_script(["optimizer=rmsprop", *TINY, f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((Path(tmp_path) / "metrics.json").read_text())["status"] == "completed"
