@@ -182,7 +182,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           job_type=lg.job_type, init_timeout=lg.init_timeout)
     from cifarlab.diagnostics import run_callbacks
 
-    trainer = build_trainer(cfg, output_dir, logger, extra_callbacks=run_callbacks(cfg, output_dir, logger))
+    sweep_callbacks = []  # a trial of the Optuna sweeper (cifarlab.sweeper): reports val/acc, may be pruned
+    if os.environ.get("CIFARLAB_OPTUNA_TRIAL"):
+        from cifarlab.sweeper.trial import trial_callbacks
+
+        sweep_callbacks = trial_callbacks()
+    trainer = build_trainer(cfg, output_dir, logger,
+                            extra_callbacks=[*run_callbacks(cfg, output_dir, logger), *sweep_callbacks])
 
     start = time.perf_counter()
     metrics: dict[str, Any] = {"status": "running", "run_name": run_name, "output_dir": str(output_dir)}
@@ -190,13 +196,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics.update(_float_metrics(trainer.callback_metrics))
-        if cfg.test:
+        pruned = any(getattr(cb, "pruned", False) for cb in sweep_callbacks)
+        if cfg.test and not pruned:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
             metrics.update(_float_metrics(trainer.callback_metrics))
             metrics["best_ckpt"] = best
         failed = False
-        metrics["status"] = "completed"
+        metrics["status"] = "pruned" if pruned else "completed"
     except BaseException as err:
         metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         metrics["error"] = f"{type(err).__name__}: {err}"

@@ -1,0 +1,692 @@
+"""The asynchronous sweep loop: ask Optuna for a trial whenever a device slot is free, run it as a subprocess,
+tell Optuna its outcome when it exits. No batch barrier: a new trial starts as soon as any slot frees.
+
+A trial is ``<task_command> <overrides> hydra.run.dir=<sweep_dir>/trial_<number>``, run in its own process
+group with the slot's ``CUDA_VISIBLE_DEVICES``/``OMP_NUM_THREADS`` and the ``CIFARLAB_OPTUNA_*`` variables that
+let it report to its trial (:mod:`cifarlab.sweeper.trial`). Its outcome is read from
+``<job_dir>/metrics.json`` (``status``: completed / pruned / failed / interrupted, the objective metrics,
+``error``), or, when there is none, from its exit code and the end of ``trial.log``.
+
+:func:`run_sweep` is the whole of one sweep process; several of them (here, on other machines, or as Hydra
+launcher jobs: ``hydra.sweeper.workers``) cooperate on one study through its storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import inspect
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cifarlab.sweeper import ENV_MONITOR, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, ENV_TRIAL_NUMBER
+from cifarlab.sweeper.slots import Slot, SlotPool, plan_slots
+from cifarlab.sweeper.space import build_space, value_text
+from cifarlab.sweeper.study import (
+    ERROR,
+    FAIL_REASON,
+    INFRA_REASONS,
+    JOB_DIR,
+    METRICS,
+    OVERRIDES,
+    OWNER,
+    SLOT,
+    Owner,
+    budget_used,
+    fail_trial,
+    heartbeat,
+    live_workers,
+    make_storage,
+    open_study,
+    rank_in_budget,
+    recover_stale,
+    redact,
+)
+
+log = logging.getLogger("cifarlab.sweeper")
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or had to stop (too many failures); the message says why."""
+
+
+@dataclass
+class SweepSettings:
+    """Everything one sweep process needs (plain data: it travels to launcher jobs by pickle)."""
+
+    study_name: str
+    storage: str  # normalised spec (cifarlab.sweeper.study.storage_spec)
+    sweep_dir: str
+    task_command: list[str]  # e.g. [python, /abs/train.py]
+    directions: list[str] = field(default_factory=lambda: ["maximize"])
+    objectives: list[str] = field(default_factory=lambda: ["val/acc_best"])  # keys of metrics.json
+    monitor: str | None = "val/acc"  # reported every epoch for pruning; None: no reports
+    sampler: dict[str, Any] | None = None  # {"_target_": "optuna.samplers.TPESampler", **kwargs}
+    pruner: dict[str, Any] | None = None  # {"_target_": "optuna.pruners.MedianPruner", **kwargs}
+    n_trials: int = 20
+    params: dict[str, Any] = field(default_factory=dict)
+    conditional: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)  # config values of `when` keys not searched
+    arguments: list[str] = field(default_factory=list)  # the command line's task overrides
+    child_overrides: list[str] = field(default_factory=list)  # appended to every trial (hydra.* settings)
+    task_cwd: str = "."
+    devices: Any = "auto"
+    n_jobs: int | None = None
+    trials_per_gpu: int = 1
+    gpus_per_trial: int = 1
+    threads_per_trial: int | None = None
+    max_failure_rate: float = 0.25
+    max_retries: int = 3
+    custom_search_space: str | None = None
+    sweep_config: Any = None  # the composed config, for custom_search_space(cfg, trial)
+    enqueue_trials: list[dict[str, Any]] = field(default_factory=list)
+    set_logger_group: bool = True  # pass logger.group=<study_name>
+    set_run_name: bool = True  # pass run_name=<study_name>-<number>
+    trial_timeout: float | None = None  # seconds; a trial running longer is killed and FAILs
+    poll_interval: float = 0.2
+    heartbeat_interval: float = 30.0
+    stale_after: float = 300.0
+    kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL when stopping trials
+    plots: bool = True
+    sync_batches: bool = False  # batch-synchronous (only for the benchmark): wait for every slot to free
+    extra_env: dict[str, str] = field(default_factory=dict)
+    logger_cfg: dict[str, Any] | None = None  # the task's logger config, for the W&B sweep summary
+    wandb_summary: bool = True  # call cifarlab.loggers.log_sweep_summary at the end (when it exists)
+    quiet: bool = False
+
+
+@dataclass
+class Running:
+    number: int
+    trial_id: int
+    slot: Slot
+    job_dir: Path
+    proc: Any
+    started: float
+    log_file: Any
+    killed_by_us: bool = False
+    timed_out: bool = False
+
+
+@dataclass
+class SweepReport:
+    study_name: str
+    storage: str
+    sweep_dir: str
+    counts: dict[str, int]
+    launched: list[int]
+    stopped: str | None  # None | "interrupted" | "failures"
+    wall_s: float
+    busy_s: float
+    n_slots: int
+
+    @property
+    def utilisation(self) -> float:
+        return self.busy_s / (self.n_slots * self.wall_s) if self.wall_s > 0 else 0.0
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------
+
+
+def instantiate_target(config: Mapping[str, Any], what: str = "object") -> Any:
+    """``{"_target_": "pkg.Class", **kwargs}`` → ``pkg.Class(**kwargs)``; keys the class does not take are dropped
+    with a warning (so that switching ``_target_`` on top of a group default does not fail on its leftovers)."""
+    from hydra.utils import get_object
+
+    cfg = {k: v for k, v in dict(config).items() if k not in ("_partial_", "_recursive_", "_convert_")}
+    target = cfg.pop("_target_", None)
+    if not target:
+        raise SweepError(f"{what}: no _target_ in {dict(config)}")
+    try:
+        cls = get_object(str(target))
+    except Exception as err:
+        raise SweepError(f"{what}: cannot import {target}: {err}") from None
+    try:
+        sig = inspect.signature(cls)
+        accepted = (
+            None if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()) else set(sig.parameters)
+        )
+    except (TypeError, ValueError):
+        accepted = None
+    if accepted is not None:
+        dropped = sorted(k for k in cfg if k not in accepted)
+        if dropped:
+            log.warning("%s %s does not take %s; ignored", what, target, ", ".join(dropped))
+        cfg = {k: v for k, v in cfg.items() if k in accepted}
+    return cls(**cfg)
+
+
+def _libc_prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None
+
+
+def _child_setup(parent: int) -> Any:
+    """In the forked child: die with the sweep process (PR_SET_PDEATHSIG), so that a killed sweep leaves no
+    orphan trials writing to the study."""
+
+    def setup() -> None:
+        if _PRCTL is not None:
+            _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before prctl
+            os._exit(1)
+
+    return setup
+
+
+def claim_dir(sweep_dir: Path, number: int) -> Path:
+    """Create a fresh job folder for trial ``number``: ``trial_0007`` (``trial_0007-1`` if that exists, ...)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    base = f"trial_{number:04d}"
+    for k in range(1000):
+        path = sweep_dir / (base if k == 0 else f"{base}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise SweepError(f"cannot create a job folder for trial {number} in {sweep_dir}")
+
+
+def read_metrics(job_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((job_dir / "metrics.json").read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def log_error(log_path: Path, returncode: int) -> str:
+    """A one-line cause from a trial's exit code and the end of its log."""
+    try:
+        lines = [ln.rstrip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    tail = lines[-30:]
+    cause = ""
+    for ln in reversed(tail):
+        low = ln.lower()
+        if low.startswith("error") or "error:" in low or "exception" in low or low.startswith("killed"):
+            cause = ln.strip()
+            break
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        head = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    else:
+        head = f"exited with code {returncode}"
+    return f"{head}: {cause}" if cause else (f"{head}; log: {tail[-1]}" if tail else head)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---- the sweep --------------------------------------------------------------------------------------------
+
+
+class Sweep:
+    def __init__(self, settings: SweepSettings, slots: list[Slot] | None = None) -> None:
+        self.s = settings
+        self.sweep_dir = Path(settings.sweep_dir)
+        self.slots = SlotPool(
+            slots
+            or plan_slots(
+                settings.devices,
+                settings.n_jobs,
+                settings.trials_per_gpu,
+                settings.gpus_per_trial,
+                threads_per_trial=settings.threads_per_trial,
+            )
+        )
+        self.space, self.base_overrides = build_space(
+            settings.params, settings.arguments, settings.conditional, settings.context
+        )
+        self.n_trials = int(settings.n_trials)
+        self.running: dict[int, Running] = {}
+        self.launched: list[int] = []
+        self.failed_here = 0
+        self.stop_reason: str | None = None
+        self.busy_s = 0.0
+        self.me = Owner.me()
+        self._signals = 0
+        self._custom = None
+        if settings.custom_search_space:
+            from hydra.utils import get_method
+
+            self._custom = get_method(settings.custom_search_space)
+        from cifarlab.sweeper.results import Console
+
+        self.out = Console(self.sweep_dir / "sweep.log", quiet=settings.quiet)
+
+    # -- set-up ------------------------------------------------------------------------------------------
+
+    def _sampler(self, others_alive: bool) -> Any:
+        cfg = dict(self.s.sampler or {"_target_": "optuna.samplers.TPESampler"})
+        target = str(cfg.get("_target_", ""))
+        if target.endswith("GridSampler"):
+            grid = self.space.grid()
+            cfg["search_space"] = grid
+            size = math.prod(len(v) for v in grid.values()) if grid else 1
+            if size < self.n_trials:
+                self.out.say(f"grid sampler: {size} grid points, so n_trials {self.n_trials} → {size}")
+                self.n_trials = size
+        if target.endswith("CmaEsSampler"):
+            try:
+                import cmaes  # noqa: F401
+            except ImportError:
+                raise SweepError("the cmaes sampler needs the `cmaes` package: pip install cmaes") from None
+        if others_alive and cfg.get("seed") is not None:
+            # another sweep process shares the study: the same seed would propose the same parameters
+            cfg["seed"] = (int(cfg["seed"]) + os.getpid()) % (2**31)
+        return instantiate_target(cfg, "sampler")
+
+    def _pruner(self) -> Any:
+        from cifarlab.sweeper.trial import instantiate_pruner
+
+        return instantiate_pruner(self.s.pruner if self.s.monitor else None)
+
+    # -- main loop -----------------------------------------------------------------------------------------
+
+    def run(self) -> SweepReport:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        t0 = time.time()
+        storage = make_storage(self.s.storage)
+        study = open_study(self.s.storage, self.s.study_name, self.s.directions, storage=storage)
+        heartbeat(study, self.me, len(self.slots), t0)
+        others = [w for w in live_workers(study, self.s.stale_after) if w != str(self.me)]
+        study.sampler = self._sampler(bool(others))
+        study.pruner = self._pruner()
+        for params in self.s.enqueue_trials:
+            study.enqueue_trial(dict(params), skip_if_exists=True)
+        recovered = recover_stale(study, self.me, self.s.stale_after, self.s.max_retries)
+        self._header(study, recovered, others)
+
+        previous = self._install_signals()
+        last_beat = last_stale = time.time()
+        check_budget = True
+        exhausted = False
+        try:
+            while True:
+                if self._reap(study):
+                    check_budget = True
+                if self.stop_reason:
+                    break
+                now = time.time()
+                if now - last_beat > self.s.heartbeat_interval:
+                    heartbeat(study, self.me, len(self.slots), t0)
+                    last_beat = now
+                if now - last_stale > min(60.0, self.s.stale_after / 2):
+                    if recover_stale(study, self.me, self.s.stale_after, self.s.max_retries):
+                        check_budget = True
+                    last_stale = now
+                    check_budget = check_budget or exhausted
+                can_launch = self.slots.n_free > 0 and not (self.s.sync_batches and self.running)
+                if can_launch and check_budget:
+                    check_budget = False
+                    exhausted = False
+                    while self.slots.n_free > 0:
+                        if not self._launch(study):
+                            exhausted = True
+                            break
+                if exhausted and not self.running:
+                    break
+                time.sleep(self.s.poll_interval)
+        finally:
+            try:
+                self._stop_all(study)
+            finally:
+                self._restore_signals(previous)
+                wall = time.time() - t0
+                report = self._finish_sweep(study, wall)
+        return report
+
+    def _header(self, study: Any, recovered: list[int], others: list[str]) -> None:
+        used = budget_used(study.get_trials(deepcopy=False))
+        slots = ", ".join(s.name for s in self.slots.slots)
+        self.out.say(f"optuna study {self.s.study_name!r} in {redact(self.s.storage)}")
+        self.out.say(
+            f"  {used}/{self.n_trials} trials already counted; sampler {type(study.sampler).__name__}, "
+            f"pruner {type(study.pruner).__name__}; objective(s) {', '.join(self.s.objectives)} "
+            f"({', '.join(self.s.directions)})"
+        )
+        self.out.say(f"  {len(self.slots)} slot(s): {slots}; trials in {self.sweep_dir}/trial_<number>")
+        if others:
+            self.out.say(f"  sharing the study with {len(others)} other live sweep process(es)")
+        if recovered:
+            self.out.say(
+                f"  trials {recovered} were left running by a dead sweep process: marked FAIL, parameters "
+                "queued again"
+            )
+
+    # -- launching ---------------------------------------------------------------------------------------------
+
+    def _launch(self, study: Any) -> bool:
+        """Start one trial in a free slot; False when the n_trials budget is used up."""
+        from optuna.trial import TrialState
+
+        if budget_used(study.get_trials(deepcopy=False)) >= self.n_trials:
+            return False
+        trial = study.ask(self.space.params)
+        if rank_in_budget(study.get_trials(deepcopy=False), trial.number) > self.n_trials:
+            # another sweep process took the last place meanwhile
+            trial.set_user_attr(FAIL_REASON, "surplus")
+            trial.set_user_attr(ERROR, "another sweep process used the last place in n_trials")
+            study.tell(trial, state=TrialState.FAIL)
+            return False
+        try:
+            params = self.space.suggest_conditional(trial)
+            if self._custom is not None:
+                self._custom(self.s.sweep_config, trial)
+                params = dict(trial.params)
+        except Exception as err:
+            fail_trial(study, trial.number, "search_space", f"{type(err).__name__}: {err}")
+            raise SweepError(f"cannot sample trial {trial.number}: {type(err).__name__}: {err}") from err
+
+        slot = self.slots.acquire(trial.number)
+        assert slot is not None
+        job_dir = claim_dir(self.sweep_dir, trial.number)
+        overrides = self.base_overrides + self.space.overrides(params) + self._trial_overrides(trial.number)
+        overrides += [f"hydra.run.dir={value_text(str(job_dir))}"]
+        trial.set_user_attr(OWNER, str(self.me))
+        trial.set_user_attr(JOB_DIR, str(job_dir))
+        trial.set_user_attr(SLOT, slot.name)
+        trial.set_user_attr(OVERRIDES, overrides)
+        env = dict(os.environ)
+        env.update(slot.env())
+        env.update(self.s.extra_env)
+        env.update(
+            {
+                ENV_STORAGE: self.s.storage,
+                ENV_STUDY: self.s.study_name,
+                ENV_TRIAL: str(trial._trial_id),
+                ENV_TRIAL_NUMBER: str(trial.number),
+                "PYTHONUNBUFFERED": "1",
+                "HYDRA_FULL_ERROR": "1",
+            }
+        )
+        if self.s.monitor:
+            env[ENV_MONITOR] = self.s.monitor
+            env[ENV_PRUNER] = json.dumps(self.s.pruner or None)
+        else:
+            env.pop(ENV_MONITOR, None)
+            env.pop(ENV_PRUNER, None)
+        log_path = job_dir / "trial.log"
+        log_file = open(log_path, "w")  # noqa: SIM115 (closed when the trial is reaped)
+        cmd = list(self.s.task_command) + overrides
+        log_file.write("$ " + " ".join(cmd) + "\n")
+        log_file.flush()
+        try:
+            proc = _popen(cmd, self.s.task_cwd, env, log_file)
+        except OSError as err:
+            log_file.close()
+            self.slots.release(slot, trial.number)
+            fail_trial(study, trial.number, "launch", f"cannot start {cmd[0]}: {err}")
+            raise SweepError(f"cannot start the trial command {cmd[:2]}: {err}") from err
+        self.running[trial.number] = Running(
+            trial.number, trial._trial_id, slot, job_dir, proc, time.time(), log_file
+        )
+        self.launched.append(trial.number)
+        return True
+
+    def _trial_overrides(self, number: int) -> list[str]:
+        keys = {o.lstrip("+~").split("=", 1)[0] for o in self.base_overrides} | set(self.space.names())
+        keys |= set(self.space.fixed)
+        out = []
+        if self.s.set_logger_group and "logger.group" not in keys:
+            out.append(f"logger.group={value_text(self.s.study_name)}")
+        if self.s.set_run_name and "run_name" not in keys:
+            out.append(f"run_name={value_text(f'{self.s.study_name}-{number:04d}')}")
+        return out + ["hydra.mode=RUN"] + list(self.s.child_overrides)
+
+    # -- reaping ---------------------------------------------------------------------------------------------------
+
+    def _reap(self, study: Any) -> bool:
+        """Tell Optuna about every trial process that has exited; True if any did."""
+        done = False
+        now = time.time()
+        for _number, run in list(self.running.items()):
+            rc = run.proc.poll()
+            if rc is None:
+                if self.s.trial_timeout and not run.timed_out and now - run.started > self.s.trial_timeout:
+                    run.timed_out = True
+                    _signal_group(run.proc, signal.SIGKILL)
+                continue
+            self._finish_trial(study, run, rc)
+            done = True
+        return done
+
+    def _finish_trial(self, study: Any, run: Running, rc: int) -> None:
+        from optuna.trial import TrialState
+
+        duration = time.time() - run.started
+        self.busy_s += duration
+        run.log_file.close()
+        metrics = read_metrics(run.job_dir)
+        status = metrics.get("status") if metrics else None
+        trial = _trial_handle(study, run.trial_id)
+        attrs: dict[str, Any] = {"exit_code": rc, "wall_s": round(duration, 3)}
+        if metrics:
+            attrs[METRICS] = {k: v for k, v in metrics.items() if _finite(v)}
+        reason = None
+        try:
+            if status == "completed":
+                values = [metrics.get(o) for o in self.s.objectives]
+                bad = [o for o, v in zip(self.s.objectives, values, strict=True) if not _finite(v)]
+                if bad:
+                    got = ", ".join(f"{o}={metrics.get(o)!r}" for o in bad)
+                    kind = "nan" if any(o in metrics for o in bad) else "missing_metric"
+                    reason = self._fail(study, run, kind, f"objective not a finite number: {got}", attrs)
+                else:
+                    self._set_attrs(trial, attrs)
+                    self._tell(study, run.number, values=[float(v) for v in values])
+            elif status == "pruned":
+                self._set_attrs(trial, attrs)
+                self._tell(study, run.number, state=TrialState.PRUNED)
+            elif run.killed_by_us and not run.timed_out:
+                reason = "interrupted"
+                fail_trial(
+                    study,
+                    run.number,
+                    "interrupted",
+                    "stopped by the sweep (Ctrl-C, SIGTERM or too many "
+                    "failures); its parameters are queued again",
+                    retry=True,
+                    max_retries=self.s.max_retries,
+                    extra=attrs,
+                )
+            elif run.timed_out:
+                reason = self._fail(
+                    study, run, "timeout", f"ran longer than trial_timeout={self.s.trial_timeout}s", attrs
+                )
+            else:
+                error = (metrics or {}).get("error") or log_error(run.job_dir / "trial.log", rc)
+                if metrics and metrics.get("error") and rc != 0:
+                    error = f"{error} (exit code {rc})"
+                kind = (
+                    "nan"
+                    if ("FloatingPointError" in error or "nan" in error.lower())
+                    else ("killed" if rc < 0 else "error")
+                )
+                reason = self._fail(study, run, kind, error, attrs)
+        finally:
+            self.slots.release(run.slot, run.number)
+            del self.running[run.number]
+        if reason is not None and reason not in INFRA_REASONS:
+            self.failed_here += 1
+            allowed = self.s.max_failure_rate * self.n_trials
+            if self.failed_here > allowed and not self.stop_reason:
+                self.stop_reason = "failures"
+                self.out.say(
+                    f"stopping: {self.failed_here} trials failed in this sweep, more than max_failure_rate "
+                    f"{self.s.max_failure_rate} × n_trials {self.n_trials} = {allowed:g}"
+                )
+        from cifarlab.sweeper.results import progress_line, write_results
+
+        trials = study.get_trials(deepcopy=False)
+        frozen = next((t for t in trials if t.number == run.number), None)
+        if frozen is not None:
+            self.out.say(
+                progress_line(study, frozen, trials, self.n_trials, len(self.running), self.s.objectives)
+            )
+        try:
+            write_results(study, self.sweep_dir, self.s.objectives, self.s.storage, trials=trials)
+        except Exception as err:  # a results file must never take the sweep down
+            log.warning("could not write the results: %s", err)
+
+    def _fail(self, study: Any, run: Running, reason: str, error: str, attrs: dict[str, Any]) -> str:
+        fail_trial(study, run.number, reason, error, retry=False, extra=attrs)
+        return reason
+
+    @staticmethod
+    def _set_attrs(trial: Any, attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+
+    @staticmethod
+    def _tell(study: Any, number: int, values: list[float] | None = None, state: Any = None) -> None:
+        try:
+            study.tell(number, values, state=state)
+        except RuntimeError as err:  # GridSampler stops the study when the grid is done: not an error here
+            if "Study.stop" not in str(err):
+                raise
+
+    # -- stopping -------------------------------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                raise KeyboardInterrupt
+            self.stop_reason = self.stop_reason or "interrupted"
+            name = signal.Signals(signum).name
+            self.out.say(
+                f"{name}: stopping {len(self.running)} running trial(s); their parameters are queued again "
+                "(press Ctrl-C again to kill at once)"
+            )
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+                previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, old in previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, old)
+
+    def _stop_all(self, study: Any) -> None:
+        """Terminate running trials (SIGTERM, then SIGKILL after kill_grace) and record them."""
+        if not self.running:
+            return
+        if self.stop_reason is None:
+            self.stop_reason = "interrupted"
+        for run in self.running.values():
+            run.killed_by_us = True
+            _signal_group(run.proc, signal.SIGTERM)
+        deadline = time.time() + self.s.kill_grace
+        try:
+            while self.running and time.time() < deadline:
+                self._reap(study)
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass
+        for run in list(self.running.values()):
+            _signal_group(run.proc, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                run.proc.wait(timeout=10)
+        while self.running:
+            before = len(self.running)
+            self._reap(study)
+            if len(self.running) == before:
+                for run in list(
+                    self.running.values()
+                ):  # unreapable: release and leave the trial to stale recovery
+                    self.slots.release(run.slot, run.number)
+                    del self.running[run.number]
+
+    def _finish_sweep(self, study: Any, wall: float) -> SweepReport:
+        from cifarlab.sweeper.results import finish
+
+        counts = finish(study, self, wall)
+        return SweepReport(
+            self.s.study_name,
+            self.s.storage,
+            str(self.sweep_dir),
+            counts,
+            self.launched,
+            self.stop_reason,
+            wall,
+            self.busy_s,
+            len(self.slots),
+        )
+
+
+def _trial_handle(study: Any, trial_id: int) -> Any:
+    import optuna
+
+    return optuna.trial.Trial(study, trial_id)
+
+
+def _popen(cmd: list[str], cwd: str, env: dict[str, str], log_file: Any) -> Any:
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_child_setup(os.getpid()),
+    )
+
+
+def _signal_group(proc: Any, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the trial and its data-loader workers
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def run_sweep(settings: SweepSettings, slots: list[Slot] | None = None) -> SweepReport:
+    """Run one sweep process to the end of the budget (or until stopped); raise SweepError on too many failures."""
+    report = Sweep(settings, slots).run()
+    if report.stopped == "failures":
+        raise SweepError(
+            f"too many failed trials (max_failure_rate={settings.max_failure_rate}); the errors are in "
+            f"{settings.sweep_dir}/trials.csv and trial_*/trial.log. Re-run the same command to resume."
+        )
+    if report.stopped == "interrupted":
+        raise KeyboardInterrupt
+    return report
+
+
+def worker_main(settings: SweepSettings, cfg: Any = None) -> dict[str, Any]:
+    """The task of a Hydra launcher job with ``hydra.sweeper.workers``: one sweep process on that node's devices."""
+    report = run_sweep(settings)
+    return {"counts": report.counts, "launched": report.launched, "utilisation": report.utilisation}

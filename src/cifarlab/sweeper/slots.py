@@ -1,0 +1,170 @@
+"""Device slots: where a trial runs. One trial per slot at a time; a slot is a set of GPUs or a CPU share.
+
+- GPUs: ``trials_per_gpu`` slots per group of ``gpus_per_trial`` GPUs; a trial in a slot sees only its GPUs
+  (``CUDA_VISIBLE_DEVICES``). GPUs are counted without initialising CUDA in the sweep process:
+  ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``.
+- No GPU (or ``devices: cpu``): ``n_jobs`` slots; each trial gets ``cores // n_jobs`` threads
+  (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``) so that parallel trials do not oversubscribe the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class SlotError(ValueError):
+    """The device settings cannot be satisfied; the message says which one."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    kind: str  # "gpu" | "cpu"
+    gpus: tuple[str, ...] = ()  # GPU ids (as CUDA_VISIBLE_DEVICES names them) of a gpu slot
+    threads: int = 1  # CPU threads a trial in this slot may use
+    share: int = 0  # which of the trials_per_gpu trials on these GPUs (0, 1, ...)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "cpu":
+            return f"cpu{self.index}"
+        return "gpu" + "+".join(self.gpus) + (f"#{self.share}" if self.share else "")
+
+    def env(self) -> dict[str, str]:
+        threads = str(self.threads)
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)  # "" for a cpu slot: the trial sees no GPU
+        return env
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+    """GPU ids this process may use, without initialising CUDA: CUDA_VISIBLE_DEVICES, else nvidia-smi -L."""
+    environ = os.environ if environ is None else environ
+    cvd = environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        ids = [x.strip() for x in cvd.split(",") if x.strip()]
+        out = []
+        for x in ids:  # CUDA stops at the first invalid id (e.g. -1)
+            if x.lstrip("-").isdigit() and int(x) < 0:
+                break
+            out.append(x)
+        return out
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        result = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if result.returncode != 0:
+        return []
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("GPU ")]
+    return [str(i) for i in range(len(lines))]
+
+
+def plan_slots(
+    devices: Any = "auto",
+    n_jobs: int | None = None,
+    trials_per_gpu: int = 1,
+    gpus_per_trial: int = 1,
+    gpus: Sequence[str] | None = None,
+    cores: int | None = None,
+    threads_per_trial: int | None = None,
+) -> list[Slot]:
+    """The slots of this sweep process.
+
+    ``devices``: ``auto`` (every visible GPU, else CPU slots), ``cpu``, ``gpu`` (GPUs required), or a list of
+    GPU ids. ``gpus``: the visible GPU ids (detected when None; given by tests).
+    """
+    cores = cores or cpu_count()
+    if trials_per_gpu < 1 or gpus_per_trial < 1:
+        raise SlotError(
+            f"trials_per_gpu={trials_per_gpu}, gpus_per_trial={gpus_per_trial}: both must be >= 1"
+        )
+    if isinstance(devices, (list, tuple)):
+        ids = [str(d) for d in devices]
+        if len(set(ids)) != len(ids):
+            raise SlotError(f"devices={list(devices)}: a GPU is listed twice")
+    elif str(devices) in ("auto", "gpu", "cuda"):
+        ids = list(visible_gpus() if gpus is None else gpus)
+        if not ids and str(devices) != "auto":
+            raise SlotError(f"devices={devices}: no GPU is visible (CUDA_VISIBLE_DEVICES / nvidia-smi)")
+    elif str(devices) == "cpu":
+        ids = []
+    else:
+        raise SlotError(f"devices={devices!r}: allowed: auto, cpu, gpu, or a list of GPU ids")
+
+    if not ids:
+        n = int(n_jobs) if n_jobs else 1
+        if n < 1:
+            raise SlotError(f"n_jobs={n_jobs}: must be >= 1")
+        threads = threads_per_trial or max(1, cores // n)
+        return [Slot(i, "cpu", (), threads) for i in range(n)]
+
+    if len(ids) < gpus_per_trial:
+        raise SlotError(f"gpus_per_trial={gpus_per_trial} but only {len(ids)} GPU(s) visible: {ids}")
+    groups = [
+        tuple(ids[i : i + gpus_per_trial]) for i in range(0, len(ids) - gpus_per_trial + 1, gpus_per_trial)
+    ]
+    n = len(groups) * trials_per_gpu
+    threads = threads_per_trial or max(1, cores // n)
+    slots = []
+    for share in range(trials_per_gpu):  # spread: first one trial per GPU, then the second, ...
+        for group in groups:
+            slots.append(Slot(len(slots), "gpu", group, threads, share))
+    return slots
+
+
+class SlotPool:
+    """Hands out free slots; a slot is never given to a second trial before it is released."""
+
+    def __init__(self, slots: Sequence[Slot]) -> None:
+        if not slots:
+            raise SlotError("no slots")
+        self.slots = list(slots)
+        self._owner: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def n_free(self) -> int:
+        return len(self.slots) - len(self._owner)
+
+    @property
+    def n_busy(self) -> int:
+        return len(self._owner)
+
+    def acquire(self, owner: Any) -> Slot | None:
+        """A free slot (the least-loaded GPUs first), now owned by ``owner``; None when all are busy."""
+        with self._lock:
+            for slot in self.slots:
+                if slot.index not in self._owner:
+                    self._owner[slot.index] = owner
+                    return slot
+            return None
+
+    def release(self, slot: Slot, owner: Any) -> None:
+        with self._lock:
+            current = self._owner.get(slot.index)
+            if current is None or current != owner:
+                raise RuntimeError(f"slot {slot.name} released by {owner!r} but owned by {current!r}")
+            del self._owner[slot.index]
+
+    def owners(self) -> dict[str, Any]:
+        with self._lock:
+            return {self.slots[i].name: o for i, o in self._owner.items()}

@@ -1,0 +1,329 @@
+"""The study in Optuna storage: opening it, counting the budget, and recovering trials of dead sweep processes.
+
+Storage specs: a database URL (``sqlite:///path.db``, ``postgresql://user@host/db``, ``mysql://...``) or a
+journal file (``journal:/abs/path/journal.log``, or a plain path ending in ``.log``/``.journal``). Several sweep
+processes (machines) pointed at the same storage and study name share one study and one ``n_trials`` budget.
+
+Every trial launched by a sweep process carries user attrs: ``owner`` (``host:pid:start``, the sweep process),
+``job_dir``, ``slot``, ``overrides``; a finished one also ``error``/``fail_reason`` when it failed. A RUNNING
+trial whose owner is gone (same host: the pid is dead; another host: no heartbeat for ``stale_after`` s) is
+stale: it is marked FAIL (``fail_reason: stale``) and its parameters are enqueued again, at most
+``max_retries`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger("cifarlab.sweeper")
+
+# user attrs (on trials) and study user attrs written by the sweeper
+OWNER = "owner"
+JOB_DIR = "job_dir"
+SLOT = "slot"
+OVERRIDES = "overrides"
+ERROR = "error"
+FAIL_REASON = "fail_reason"
+RETRIED = "retried"  # this FAIL was an infrastructure failure whose parameters were enqueued again
+RETRY_OF = "retry_of"  # this trial re-runs the parameters of that trial number
+RETRIES = "retries"
+METRICS = "metrics"
+WORKER_PREFIX = "worker:"  # study user attr per sweep process: {"heartbeat": t, "started": t, "slots": n}
+
+# fail reasons that are not the trial's fault: such trials do not count toward n_trials once retried
+INFRA_REASONS = ("stale", "interrupted", "surplus")
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def storage_spec(storage: str | None, sweep_dir: str | Path, cwd: str | Path = ".") -> str:
+    """The normalised storage spec: a database URL, or ``journal:<absolute path>``.
+
+    None → ``<sweep_dir>/journal.log`` (stable across re-runs when the sweep dir is: see the search configs).
+    """
+    if storage is None or str(storage).strip() == "":
+        return "journal:" + str((Path(cwd) / sweep_dir / "journal.log").resolve())
+    text = str(storage).strip()
+    if text.startswith("journal:"):
+        path = text[len("journal:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        return "journal:" + str((Path(cwd) / path).resolve())
+    if "://" in text:
+        if text.startswith("sqlite:///") and not text.startswith("sqlite:////"):
+            rel = text[len("sqlite:///") :]
+            if rel and rel != ":memory:":
+                return "sqlite:///" + str((Path(cwd) / rel).resolve())
+        return text
+    return "journal:" + str((Path(cwd) / text).resolve())
+
+
+def redact(spec: str) -> str:
+    """The spec with any password hidden, for logs and result files."""
+    if "://" in spec and "@" in spec:
+        scheme, rest = spec.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        if ":" in creds:
+            creds = creds.split(":", 1)[0] + ":***"
+        return f"{scheme}://{creds}@{host}"
+    return spec
+
+
+def make_storage(spec: str) -> Any:
+    """An Optuna storage object from a spec (retrying briefly: processes may create tables concurrently)."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if spec.startswith("journal:"):
+        path = Path(spec[len("journal:") :])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs: dict[str, Any]
+    if spec.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+        db = spec[len("sqlite:///") :]
+        if db and db != ":memory:":
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    last: Exception | None = None
+    for attempt in range(8):
+        try:
+            return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs)
+        except ImportError as err:
+            driver = (
+                "psycopg2-binary (pip install 'cifarlab[postgres]')" if "postgres" in spec else "its driver"
+            )
+            raise StorageError(f"storage {redact(spec)}: cannot import {driver}: {err}") from err
+        except Exception as err:  # e.g. two processes creating the tables at once
+            last = err
+            time.sleep(0.2 * (attempt + 1))
+    raise StorageError(f"storage {redact(spec)}: cannot connect: {last}") from last
+
+
+def open_study(
+    spec: str,
+    study_name: str,
+    directions: Sequence[str],
+    sampler: Any = None,
+    pruner: Any = None,
+    storage: Any = None,
+) -> optuna.Study:
+    """Create the study or load the existing one (checking that its directions match)."""
+    import optuna
+
+    storage = storage if storage is not None else make_storage(spec)
+    last: Exception | None = None
+    for attempt in range(5):
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=study_name,
+                sampler=sampler,
+                pruner=pruner,
+                directions=list(directions),
+                load_if_exists=True,
+            )
+            break
+        except (
+            optuna.exceptions.DuplicatedStudyError,
+            KeyError,
+        ) as err:  # created by another process meanwhile
+            last = err
+            time.sleep(0.2 * (attempt + 1))
+    else:
+        raise StorageError(f"cannot open study {study_name!r} in {redact(spec)}: {last}") from last
+    stored = [d.name.lower() for d in study.directions]
+    if stored != [d.lower() for d in directions]:
+        raise StorageError(
+            f"study {study_name!r} in {redact(spec)} has directions {stored}, but the sweep asks for "
+            f"{list(directions)}; use another study_name (or storage) for a different objective"
+        )
+    return study
+
+
+# ---- budget -------------------------------------------------------------------------------------------
+
+
+def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """Finished or running trials count; failures that were the infrastructure's and were retried do not."""
+    from optuna.trial import TrialState
+
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+        return True
+    if trial.state == TrialState.FAIL:
+        attrs = trial.user_attrs
+        return not (attrs.get(RETRIED) or attrs.get(FAIL_REASON) == "surplus")
+    return False  # WAITING: enqueued, not yet started
+
+
+def budget_used(trials: Iterable[optuna.trial.FrozenTrial]) -> int:
+    return sum(1 for t in trials if counts_toward_budget(t))
+
+
+def rank_in_budget(trials: Iterable[optuna.trial.FrozenTrial], number: int) -> int:
+    """1 + how many counted trials have a smaller number: the trial's place in the n_trials budget."""
+    return 1 + sum(1 for t in trials if t.number < number and counts_toward_budget(t))
+
+
+def finished_counts(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, int]:
+    out = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0, "retried": 0}
+    for t in trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+        if t.state.name == "FAIL" and not counts_toward_budget(t):
+            out["retried"] += 1
+    return out
+
+
+# ---- owners and stale trials ------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name ([] where unavailable)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" where /proc is unavailable): tells a reused pid apart."""
+    fields = _proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
+
+
+@dataclass(frozen=True)
+class Owner:
+    host: str
+    pid: int
+    start: str
+
+    @classmethod
+    def me(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), _proc_start(os.getpid()))
+
+    @classmethod
+    def parse(cls, text: str) -> Owner | None:
+        try:
+            host, pid, start = str(text).rsplit(":", 2)
+            return cls(host, int(pid), start)
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}:{self.start}"
+
+    def alive_here(self) -> bool:
+        """Same host only: is the process still running (and not a reused pid)?"""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        fields = _proc_stat(self.pid)
+        if fields and fields[0] in ("Z", "X"):  # a zombie: dead, not yet reaped by its parent
+            return False
+        return not self.start or _proc_start(self.pid) in ("", self.start)
+
+
+def heartbeat(study: optuna.Study, me: Owner, slots: int, started: float) -> None:
+    study.set_user_attr(
+        WORKER_PREFIX + str(me), {"heartbeat": time.time(), "started": started, "slots": slots}
+    )
+
+
+def live_workers(study: optuna.Study, stale_after: float, now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
+    out = []
+    for key, rec in study.user_attrs.items():
+        if (
+            key.startswith(WORKER_PREFIX)
+            and isinstance(rec, dict)
+            and now - rec.get("heartbeat", 0) < stale_after
+        ):
+            out.append(key[len(WORKER_PREFIX) :])
+    return out
+
+
+def is_stale(
+    trial: optuna.trial.FrozenTrial, me: Owner, workers: dict[str, Any], stale_after: float, now: float
+) -> bool:
+    """A RUNNING trial launched by a sweep process that is gone (never one of ours, nor one without owner)."""
+    owner = Owner.parse(trial.user_attrs.get(OWNER, ""))
+    if owner is None or owner == me:
+        return False
+    if owner.host == me.host:
+        return not owner.alive_here()
+    rec = workers.get(WORKER_PREFIX + str(owner))
+    last = rec.get("heartbeat", 0) if isinstance(rec, dict) else 0
+    if not last:  # no heartbeat recorded: judge by the trial's start
+        last = trial.datetime_start.timestamp() if trial.datetime_start else 0
+    return now - last > stale_after
+
+
+def fail_trial(
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial | int,
+    reason: str,
+    error: str,
+    retry: bool = False,
+    max_retries: int = 3,
+    extra: dict[str, Any] | None = None,
+) -> int | None:
+    """Mark a RUNNING trial FAIL with its error; with ``retry``, enqueue its parameters again (once: whoever
+    wins the race to tell). Returns the number told, or None when another process finished it first."""
+    import optuna
+    from optuna.trial import TrialState
+
+    frozen = (
+        trial
+        if isinstance(trial, optuna.trial.FrozenTrial)
+        else study._storage.get_trial(
+            study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial)
+        )
+    )
+    if frozen.state != TrialState.RUNNING:
+        return None
+    retries = int(frozen.user_attrs.get(RETRIES, 0))
+    will_retry = retry and retries < max_retries and bool(frozen.params)
+    attrs = {ERROR: error[-2000:], FAIL_REASON: reason, RETRIED: will_retry, **(extra or {})}
+    try:
+        for key, value in attrs.items():
+            study._storage.set_trial_user_attr(frozen._trial_id, key, value)
+        study.tell(frozen.number, state=TrialState.FAIL)
+    except (RuntimeError, ValueError):  # finished by another process meanwhile
+        return None
+    if will_retry:
+        study.enqueue_trial(dict(frozen.params), user_attrs={RETRY_OF: frozen.number, RETRIES: retries + 1})
+    return frozen.number
+
+
+def recover_stale(study: optuna.Study, me: Owner, stale_after: float, max_retries: int) -> list[int]:
+    """Fail (and re-enqueue) the RUNNING trials of sweep processes that are gone. Returns their numbers."""
+    from optuna.trial import TrialState
+
+    now = time.time()
+    workers = dict(study.user_attrs)
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if is_stale(t, me, workers, stale_after, now):
+            owner = t.user_attrs.get(OWNER, "?")
+            number = fail_trial(
+                study, t, "stale", f"its sweep process {owner} is gone", retry=True, max_retries=max_retries
+            )
+            if number is not None:
+                recovered.append(number)
+    return recovered

@@ -1,0 +1,53 @@
+"""The Hydra Sweeper class of ``hydra/sweeper=cifarlab_optuna``; the work is in :mod:`cifarlab.sweeper`."""
+
+import functools
+import sys
+from typing import Any
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+
+class CifarlabOptunaSweeper(Sweeper):
+    def __init__(self, **conf: Any) -> None:
+        self.conf = conf
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from cifarlab.sweeper.runner import SweepError, run_sweep, worker_main
+        from cifarlab.sweeper.settings import settings_from_hydra
+        from cifarlab.sweeper.slots import SlotError
+        from cifarlab.sweeper.space import SearchSpaceError
+        from cifarlab.sweeper.study import StorageError
+
+        assert self.config is not None and self.hydra_context is not None
+        try:
+            settings = settings_from_hydra(self.conf, self.config, arguments)
+            workers = int(self.conf.get("workers") or 0)
+            if workers <= 0:
+                return run_sweep(settings)
+            launcher = Plugins.instance().instantiate_launcher(
+                config=self.config,
+                hydra_context=self.hydra_context,
+                task_function=functools.partial(worker_main, settings),
+            )
+            jobs = [[f"hydra.sweep.subdir=workers/{i}"] for i in range(workers)]
+            returns = launcher.launch(jobs, initial_job_idx=0)
+            from cifarlab.sweeper.results import summarise_study
+
+            return summarise_study(settings, returns)
+        except KeyboardInterrupt:
+            print(
+                "sweep interrupted: re-run the same command to resume the study", file=sys.stderr, flush=True
+            )
+            sys.exit(130)
+        except (SweepError, SearchSpaceError, SlotError, StorageError) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(1)
