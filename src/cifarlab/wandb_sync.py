@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
 def _raw_records(data: bytes):
+    if len(data) < 7:
+        return  # not written yet
     if data[:4] != b":W&B":
         raise ValueError("not a W&B run file (no :W&B header)")
     pos, pending = 7, b""  # ":W&B", magic (2), version (1)
@@ -103,11 +106,23 @@ class OfflineRun:
         return [row[key] for row in self.history if key in row]
 
 
-def read_run(folder: str | Path) -> OfflineRun:
-    """Read a W&B run folder (``.../wandb/offline-run-*``) back from its ``run-<id>.wandb`` file."""
+def read_run(folder: str | Path, wait: float = 0.0) -> OfflineRun:
+    """Read a W&B run folder (``.../wandb/offline-run-*``) back from its ``run-<id>.wandb`` file.
+
+    ``wait``: seconds to wait for the run's exit record. W&B's service writes the file in the background
+    and may still be writing it for a moment after ``run.finish()`` returns.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        run = _read_run(Path(folder))
+        if run.exit_code is not None or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.1)
+
+
+def _read_run(folder: Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    folder = Path(folder)
     files = sorted(folder.glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no run-*.wandb file")
@@ -138,7 +153,7 @@ def read_run(folder: str | Path) -> OfflineRun:
             run.exit_code = record.exit.exit_code
         elif kind == "artifact":
             run.artifacts.append(f"{record.artifact.name}:{record.artifact.type}")
-    run.config.pop("_wandb", None)
+    run.config = {k: v for k, v in run.config.items() if k != "_wandb" and not k.startswith("_wandb.")}
     return run
 
 

@@ -1,0 +1,374 @@
+"""W&B runs as a reviewer sees them, read back from the offline runs' own files (no account, no network).
+
+The slow tests share three sets of real runs (module-scoped): a 3-job multirun (sgd, adam, rmsprop) in
+one group, a run that fails mid-training, and a sweep's summary run made in the multirun's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cifarlab.loggers import flatten, has_api_key, init_wandb_run, reachable, run_tags, short_number
+from cifarlab.wandb_sync import find_offline_runs, read_run
+from cifarlab.wandb_sync import main as sync_main
+from tests.conftest import ROOT, compose_train
+
+GROUP = "wandb-test-group"
+SMALL = [
+    "data=synthetic",
+    "data.train_size=1500",
+    "data.val_size=300",
+    "data.test_size=300",
+    "data.batch_size=128",
+    "data.eval_batch_size=300",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "logger=wandb",
+    "logger.grad_norm_every_n_steps=2",
+]
+CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens on the discard port: connections are refused at once
+FAKE_KEY = "x" * 40
+WAIT = 20  # seconds: W&B's service may still be writing a run's file just after run.finish()
+
+
+def wandb_env(root: Path) -> dict[str, str]:
+    """Every W&B/matplotlib folder in ``root``, offline, and no credentials from the real environment."""
+    env = {
+        var: str(root / var.lower())
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "MPLCONFIGDIR")
+    }
+    empty_netrc = root / "netrc"
+    empty_netrc.touch()
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        CIFARLAB_DATA_DIR=str(root / "data"),
+        NETRC=str(empty_netrc),
+        HOME=str(root / "home"),
+    )
+    return env
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    for var in (
+        "WANDB_API_KEY",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "WANDB_BASE_URL",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in wandb_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+
+
+# ---- fast: names, tags, flat config, key and network checks --------------------------------------------------
+
+
+def test_flatten_gives_one_column_per_setting():
+    assert flatten({"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]}, "seed": 1, "extras": {}}) == {
+        "optimizer.lr": 0.1,
+        "optimizer.betas": [0.9, 0.99],
+        "seed": 1,
+        "extras": {},
+    }
+
+
+def test_short_numbers_for_run_names():
+    assert [short_number(x) for x in (3e-4, 0.001, 0.00125, 0.05, 0.1, 1.0, 1e6, 0)] == [
+        "3e-4",
+        "1e-3",
+        "1.25e-3",
+        "0.05",
+        "0.1",
+        "1",
+        "1e6",
+        "0",
+    ]
+
+
+def test_default_run_name_and_tags():
+    from cifarlab.train import default_run_name
+
+    cfg = compose_train(
+        ["optimizer=rmsprop", "optimizer.lr=3e-4", "scheduler=cosine", "model.init=orthogonal"]
+    )
+    assert default_run_name(cfg) == "rmsprop-lr3e-4-cosine"
+    from omegaconf import OmegaConf
+
+    tags = run_tags(OmegaConf.to_container(cfg, resolve=True), ["mine"])
+    assert tags == [
+        "optimizer:rmsprop",
+        "scheduler:cosine",
+        "init:orthogonal",
+        "activation:relu",
+        "data:cifar10",
+        "mine",
+    ]
+
+
+def test_api_key_from_env_or_netrc(no_credentials, tmp_path, monkeypatch):
+    assert not has_api_key("https://api.wandb.ai")
+    netrc = tmp_path / "netrc_with_key"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {FAKE_KEY}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert has_api_key("https://api.wandb.ai") and not has_api_key("https://wandb.example.com")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert has_api_key("https://wandb.example.com")
+
+
+def test_an_unreachable_server_is_known_at_once():
+    start = time.perf_counter()
+    assert not reachable(CLOSED_PORT, timeout=2)
+    assert not reachable("http://does-not-exist.invalid", timeout=2)
+    assert time.perf_counter() - start < 4.5
+
+
+@pytest.mark.slow
+def test_online_without_network_or_key_logs_offline_within_seconds(
+    no_credentials, tmp_path, monkeypatch, capsys
+):
+    """logger.mode=online: an unreachable server (or no API key) costs a one-line message, not a hang, and
+    the run still logs, offline."""
+    monkeypatch.setenv("WANDB_BASE_URL", CLOSED_PORT)
+    for case, key in (("unreachable", FAKE_KEY), ("no key", None)):
+        if key:
+            monkeypatch.setenv("WANDB_API_KEY", key)
+        else:
+            monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        start = time.perf_counter()
+        run = init_wandb_run(
+            name=case, save_dir=tmp_path / case, config={"a.b": 1}, mode="online", init_timeout=30
+        )
+        waited = time.perf_counter() - start
+        run.log({"val/acc": 0.5})
+        run.finish()
+        assert waited < 8, f"{case}: wandb.init blocked for {waited:.1f}s"
+        message = capsys.readouterr().err
+        assert "logging offline" in message and len(message.strip().splitlines()) == 1, message
+        [folder] = find_offline_runs([tmp_path / case])
+        back = read_run(folder, wait=WAIT)
+        assert back.name == case and back.values("val/acc") == [0.5] and back.config == {"a.b": 1}
+
+
+# ---- slow: real runs -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory) -> Path:
+    """python train.py -m ... optimizer=sgd,adam,rmsprop logger=wandb logger.group=GROUP: three offline runs."""
+    root = tmp_path_factory.mktemp("wandb_multirun")
+    sweep_dir = root / "multirun"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and "PROXY" not in k.upper()}
+    env.update(wandb_env(root), PYTHONUNBUFFERED="1")
+    args = [
+        "-m",
+        *SMALL,
+        "optimizer=sgd,adam,rmsprop",
+        f"logger.group={GROUP}",
+        "logger.log_model=true",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def multirun_runs(multirun):
+    runs = [read_run(folder, wait=WAIT) for folder in find_offline_runs([multirun])]
+    return {r.config["optimizer._target_"]: r for r in runs}
+
+
+@pytest.mark.slow
+def test_multirun_makes_one_run_per_job_in_one_group(multirun, multirun_runs):
+    runs = list(multirun_runs.values())
+    assert set(multirun_runs) == {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.RMSprop"}
+    assert len({r.id for r in runs}) == 3 and {r.group for r in runs} == {GROUP}
+    assert {r.job_type for r in runs} == {"train"} and {r.project for r in runs} == {"cifarlab"}
+    assert sorted(r.name for r in runs) == [
+        "adam-lr1e-3-const-j1",
+        "rmsprop-lr1e-3-const-j2",
+        "sgd-lr0.01-const-j0",
+    ]
+    for r in runs:
+        optimizer = r.name.split("-")[0]
+        assert {f"optimizer:{optimizer}", "scheduler:none", "init:kaiming_uniform", "data:synthetic"} <= set(
+            r.tags
+        )
+        assert r.exit_code == 0 and r.summary["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_config_is_the_resolved_config_flat(multirun, multirun_runs):
+    for job in sorted(p for p in multirun.iterdir() if p.is_dir() and (p / "config.yaml").is_file()):
+        saved = flatten(yaml.safe_load((job / "config.yaml").read_text()))
+        [folder] = find_offline_runs([job])
+        assert read_run(folder, wait=WAIT).config == saved
+        assert "optimizer.lr" in saved and "model.dropout" in saved and "data.train_size" in saved
+
+
+@pytest.mark.slow
+def test_history_has_every_epoch_and_the_gradient_norms(multirun_runs):
+    for r in multirun_runs.values():
+        assert len(r.values("val/acc")) == 2 and len(r.values("train/loss")) == 2  # one per epoch
+        assert len(r.values("test/acc")) == 1 and 0 <= r.summary["test/acc"] <= 1
+        steps = [row["trainer/global_step"] for row in r.history if "grad_norm/features.0.weight" in row]
+        assert steps == [0, 2, 4, 6]  # every 2 of the 8 steps
+        assert {
+            "grad_norm/classifier.4.weight",
+            "weight_norm/features.0.weight",
+            "grad_norm/total",
+            "grad_norm/first_to_last_ratio",
+        } <= set(r.summary)
+        assert r.folder.joinpath(f"run-{r.id}.wandb").stat().st_size > 32768  # records across LevelDB blocks
+
+
+@pytest.mark.slow
+def test_end_of_run_report_and_best_checkpoint(multirun, multirun_runs):
+    for r in multirun_runs.values():
+        s = r.summary
+        assert s["test/confusion_matrix_table.nrows"] == 100  # (true, predicted) for 10 x 10 classes
+        assert (
+            s["test/per_class_accuracy_table.nrows"] == 10
+            and s["test/misclassified._type"] == "images/separated"
+        )
+        assert {
+            "figures/confusion_matrix.path",
+            "figures/per_class_accuracy.path",
+            "figures/learning_curves.path",
+            "figures/misclassified.path",
+        } <= set(s)
+        assert 0 <= s["test/worst_class_acc"] <= min(s[f"test/acc_class/{c}"] for c in range(10)) + 1e-9
+        assert (r.folder / "files" / s["figures/confusion_matrix.path"]).is_file()
+        assert f"model-{r.id}:model" in r.artifacts
+    for job in ("0", "1", "2"):
+        for name in ("confusion_matrix", "per_class_accuracy", "learning_curves", "misclassified"):
+            assert (multirun / job / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def failed_run(tmp_path_factory):
+    """A run that fails in its second epoch (an injected error), in-process."""
+    from cifarlab.module import CifarModule
+    from cifarlab.train import run
+
+    root = tmp_path_factory.mktemp("wandb_failed")
+    original = CifarModule.on_train_epoch_end
+
+    def failing(self):
+        original(self)
+        if self.current_epoch == 1:
+            raise FloatingPointError("injected: training diverged")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in wandb_env(root).items():
+            mp.setenv(key, value)
+        mp.setattr(CifarModule, "on_train_epoch_end", failing)
+        cfg = compose_train([*SMALL, "optimizer=sgd", "run_name=doomed"], root / "run")
+        with pytest.raises(FloatingPointError):
+            run(cfg)
+    [folder] = find_offline_runs([root / "run"])
+    return root / "run", read_run(folder, wait=WAIT)
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_marked_failed(failed_run):
+    output_dir, r = failed_run
+    assert r.name == "doomed" and r.exit_code == 1 and r.state == "failed"
+    assert r.summary["status"] == "failed" and "injected" in r.summary["error"]
+    assert len(r.values("val/acc")) == 2  # what it logged before failing is kept
+    assert (output_dir / "figures" / "learning_curves.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def sweep_summary(multirun, multirun_runs):
+    """log_sweep_summary on a small Optuna study (complete, pruned, failed trials) in the multirun's folder."""
+    import optuna
+
+    from cifarlab.loggers import log_sweep_summary
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=GROUP, direction="maximize")
+    values = {"sgd": 0.2, "adam": 0.5, "rmsprop": 0.4}
+    for number, value in enumerate(values.values()):
+        trial = study.ask(
+            {
+                "optimizer": optuna.distributions.CategoricalDistribution(list(values)),
+                "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+            }
+        )
+        trial.set_user_attr("job_dir", str(multirun / str(number)))
+        study.tell(trial, value)
+    pruned = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    pruned.report(0.1, 0)
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+    (multirun / "trials.csv").write_text("number,state,value\n0,COMPLETE,0.2\n")
+    (multirun / "optimization_results.yaml").write_text(
+        f"name: {GROUP}\nbest_params: {{}}\nbest_value: 0.5\n"
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in wandb_env(multirun.parent).items():
+            mp.setenv(key, value)
+        folder = log_sweep_summary(
+            study, multirun, GROUP, {"name": "wandb", "mode": "offline", "project": "cifarlab"}
+        )
+    return study, read_run(folder, wait=WAIT)
+
+
+@pytest.mark.slow
+def test_sweep_summary_run(sweep_summary, multirun):
+    study, r = sweep_summary
+    assert r.job_type == "sweep-summary" and r.group == GROUP and r.exit_code == 0
+    s = r.summary
+    assert s["best_value"] == 0.5 and s["best_trial"] == study.best_trial.number
+    assert (s["n_complete"], s["n_pruned"], s["n_fail"]) == (3, 1, 1)
+    assert s["sweep/trials.nrows"] == 5 and s["sweep/trials._type"] == "table-file"
+    assert r.values("sweep/best_value") == [0.2, 0.5, 0.5]
+    assert {
+        "plots/optimization_history.path",
+        "plots/param_importances.path",
+        "plots/parallel_coordinate.path",
+    } <= set(s)
+    # The best config is the best trial's own resolved config (its job folder's config.yaml).
+    best_job = yaml.safe_load((multirun / str(study.best_trial.number) / "config.yaml").read_text())
+    assert r.config["best.optimizer._target_"] == best_job["optimizer"]["_target_"] == "torch.optim.Adam"
+    assert (r.folder / "files" / "trials.csv").is_file() and (
+        r.folder / "files" / "optimization_results.yaml"
+    ).is_file()
+
+
+@pytest.mark.slow
+def test_trials_and_summary_share_one_group(sweep_summary, multirun):
+    runs = [read_run(f, wait=WAIT) for f in find_offline_runs([multirun])]
+    assert len(runs) == 4 and {r.group for r in runs} == {GROUP}
+    assert sorted(r.job_type for r in runs) == ["sweep-summary", "train", "train", "train"]
+
+
+@pytest.mark.slow
+def test_wandb_sync_lists_runs_and_needs_a_login(multirun_runs, multirun, no_credentials, capsys):
+    assert sync_main([str(multirun), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "offline W&B run(s)" in out and all(r.name in out for r in multirun_runs.values())
+    assert sync_main([str(multirun)]) == 1
+    assert "not logged in" in capsys.readouterr().err
+    assert sync_main([str(multirun / "nothing-here")]) == 0
