@@ -372,3 +372,46 @@ def test_wandb_sync_lists_runs_and_needs_a_login(multirun_runs, multirun, no_cre
     assert sync_main([str(multirun)]) == 1
     assert "not logged in" in capsys.readouterr().err
     assert sync_main([str(multirun / "nothing-here")]) == 0
+
+
+@pytest.mark.slow
+def test_a_synthetic_sweep_leaves_one_run_per_trial_and_a_summary(tmp_path_factory):
+    """python train.py -m hparams_search=synthetic_tiny logger=wandb: each trial a sweep-trial run, then the
+    sweep's summary run, all in the study's group; PNG figures in every trial folder."""
+    root = tmp_path_factory.mktemp("wandb_sweep")
+    sweep_dir = root / "sweep"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and "PROXY" not in k.upper()}
+    env.update(wandb_env(root), PYTHONUNBUFFERED="1")
+    args = [
+        "-m",
+        "hparams_search=synthetic_tiny",
+        "logger=wandb",
+        "callbacks.figures=true",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = [read_run(f, wait=WAIT) for f in find_offline_runs([sweep_dir])]
+    assert sorted(r.job_type for r in runs) == ["sweep-summary", "sweep-trial", "sweep-trial"]
+    assert {r.group for r in runs} == {"synthetic_tiny"} and {r.exit_code for r in runs} == {0}
+    trials = sorted((r for r in runs if r.job_type == "sweep-trial"), key=lambda r: r.name)
+    assert [r.name for r in trials] == ["synthetic_tiny-0000", "synthetic_tiny-0001"]
+    for r in trials:
+        assert len(r.values("val/acc")) == 2 and r.summary["status"] == "completed"
+        assert "val/confusion_matrix_table.nrows" in r.summary  # no test split in this search: on val
+        for name in ("confusion_matrix", "per_class_accuracy", "learning_curves", "misclassified"):
+            assert (Path(r.config["output_dir"]) / "figures" / f"{name}.png").is_file()
+    [summary] = [r for r in runs if r.job_type == "sweep-summary"]
+    assert summary.summary["sweep/trials.nrows"] == 2 and summary.summary["n_complete"] == 2
+    assert "plots/optimization_history.path" in summary.summary
+    assert summary.summary["best_value"] == max(r.summary["val/acc_best"] for r in trials)

@@ -12,6 +12,7 @@ its summary says ``status`` (completed, failed, pruned, interrupted) and failed 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -443,8 +444,8 @@ def log_sweep_summary(study, sweep_dir: str | Path, group: str | None, logger_cf
             run.summary[key] = value
         run.summary["status"] = "completed"
         for name in ("trials.csv", "optimization_results.yaml", "best_config.yaml"):
-            if (sweep_dir / name).is_file():
-                run.save(str(sweep_dir / name), base_path=str(sweep_dir), policy="now")
+            if (sweep_dir / name).is_file():  # a copy in the run's files/ is uploaded with the run
+                shutil.copy2(sweep_dir / name, Path(run.dir) / name)
         folder = run.dir.rsplit("/files", 1)[0]
     except BaseException:
         run.finish(exit_code=1)
