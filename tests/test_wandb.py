@@ -1,7 +1,8 @@
 """W&B runs as a reviewer sees them, read back from the offline runs' own files (no account, no network).
 
-The slow tests share three sets of real runs (module-scoped): a 3-job multirun (sgd, adam, rmsprop) in
-one group, a run that fails mid-training, and a sweep's summary run made in the multirun's folder.
+Each slow test makes its real runs once and checks everything about them (one test per set of runs, so
+that ``pytest -n 2`` never makes the same runs in two workers): a 3-job multirun (sgd, adam, rmsprop) in
+one group, a run that fails mid-training, a sweep summary run, a real synthetic Optuna sweep.
 """
 
 from __future__ import annotations
@@ -165,74 +166,70 @@ def test_online_without_network_or_key_logs_offline_within_seconds(
 # ---- slow: real runs -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def multirun(tmp_path_factory) -> Path:
-    """python train.py -m ... optimizer=sgd,adam,rmsprop logger=wandb logger.group=GROUP: three offline runs."""
-    root = tmp_path_factory.mktemp("wandb_multirun")
-    sweep_dir = root / "multirun"
+def clean_env(root: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and "PROXY" not in k.upper()}
     env.update(wandb_env(root), PYTHONUNBUFFERED="1")
-    args = [
-        "-m",
-        *SMALL,
-        "optimizer=sgd,adam,rmsprop",
-        f"logger.group={GROUP}",
-        "logger.log_model=true",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
+    return env
+
+
+def train_py(args: list[str], root: Path) -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=root,
-        env=env,
+        env=clean_env(root),
         capture_output=True,
         text=True,
         timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return sweep_dir
-
-
-@pytest.fixture(scope="module")
-def multirun_runs(multirun):
-    runs = [read_run(folder, wait=WAIT) for folder in find_offline_runs([multirun])]
-    return {r.config["optimizer._target_"]: r for r in runs}
 
 
 @pytest.mark.slow
-def test_multirun_makes_one_run_per_job_in_one_group(multirun, multirun_runs):
-    runs = list(multirun_runs.values())
-    assert set(multirun_runs) == {"torch.optim.SGD", "torch.optim.Adam", "torch.optim.RMSprop"}
-    assert len({r.id for r in runs}) == 3 and {r.group for r in runs} == {GROUP}
-    assert {r.job_type for r in runs} == {"train"} and {r.project for r in runs} == {"cifarlab"}
-    assert sorted(r.name for r in runs) == [
+def test_a_multirun_makes_one_complete_run_per_job_in_one_group(tmp_path):
+    """python train.py -m ... optimizer=sgd,adam,rmsprop logger=wandb logger.group=GROUP"""
+    multirun = tmp_path / "multirun"
+    train_py(
+        [
+            "-m",
+            *SMALL,
+            "optimizer=sgd,adam,rmsprop",
+            f"logger.group={GROUP}",
+            "logger.log_model=true",
+            f"hydra.sweep.dir={multirun}",
+        ],
+        tmp_path,
+    )
+    runs = {}
+    for job in ("0", "1", "2"):
+        [folder] = find_offline_runs([multirun / job])
+        runs[job] = read_run(folder, wait=WAIT)
+
+    # Three distinct runs, one group, readable names, tags, finished.
+    assert len({r.id for r in runs.values()}) == 3 and {r.group for r in runs.values()} == {GROUP}
+    assert {r.job_type for r in runs.values()} == {"train"} and {r.project for r in runs.values()} == {
+        "cifarlab"
+    }
+    assert [runs[j].name for j in "012"] == [
+        "sgd-lr0.01-const-j0",
         "adam-lr1e-3-const-j1",
         "rmsprop-lr1e-3-const-j2",
-        "sgd-lr0.01-const-j0",
     ]
-    for r in runs:
+    for job, r in runs.items():
         optimizer = r.name.split("-")[0]
         assert {f"optimizer:{optimizer}", "scheduler:none", "init:kaiming_uniform", "data:synthetic"} <= set(
             r.tags
         )
         assert r.exit_code == 0 and r.summary["status"] == "completed"
 
+        # The config: the resolved config, flat.
+        saved = flatten(yaml.safe_load((multirun / job / "config.yaml").read_text()))
+        assert r.config == saved and {"optimizer.lr", "model.dropout", "data.train_size"} <= set(saved)
 
-@pytest.mark.slow
-def test_config_is_the_resolved_config_flat(multirun, multirun_runs):
-    for job in sorted(p for p in multirun.iterdir() if p.is_dir() and (p / "config.yaml").is_file()):
-        saved = flatten(yaml.safe_load((job / "config.yaml").read_text()))
-        [folder] = find_offline_runs([job])
-        assert read_run(folder, wait=WAIT).config == saved
-        assert "optimizer.lr" in saved and "model.dropout" in saved and "data.train_size" in saved
-
-
-@pytest.mark.slow
-def test_history_has_every_epoch_and_the_gradient_norms(multirun_runs):
-    for r in multirun_runs.values():
-        assert len(r.values("val/acc")) == 2 and len(r.values("train/loss")) == 2  # one per epoch
+        # The history: every epoch, and the gradient norms every 2 of the 8 steps.
+        assert len(r.values("val/acc")) == 2 and len(r.values("train/loss")) == 2
         assert len(r.values("test/acc")) == 1 and 0 <= r.summary["test/acc"] <= 1
         steps = [row["trainer/global_step"] for row in r.history if "grad_norm/features.0.weight" in row]
-        assert steps == [0, 2, 4, 6]  # every 2 of the 8 steps
+        assert steps == [0, 2, 4, 6]
         assert {
             "grad_norm/classifier.4.weight",
             "weight_norm/features.0.weight",
@@ -241,10 +238,7 @@ def test_history_has_every_epoch_and_the_gradient_norms(multirun_runs):
         } <= set(r.summary)
         assert r.folder.joinpath(f"run-{r.id}.wandb").stat().st_size > 32768  # records across LevelDB blocks
 
-
-@pytest.mark.slow
-def test_end_of_run_report_and_best_checkpoint(multirun, multirun_runs):
-    for r in multirun_runs.values():
+        # The end-of-run report and the best checkpoint.
         s = r.summary
         assert s["test/confusion_matrix_table.nrows"] == 100  # (true, predicted) for 10 x 10 classes
         assert (
@@ -257,21 +251,21 @@ def test_end_of_run_report_and_best_checkpoint(multirun, multirun_runs):
             "figures/learning_curves.path",
             "figures/misclassified.path",
         } <= set(s)
-        assert 0 <= s["test/worst_class_acc"] <= min(s[f"test/acc_class/{c}"] for c in range(10)) + 1e-9
         assert (r.folder / "files" / s["figures/confusion_matrix.path"]).is_file()
+        assert 0 <= s["test/worst_class_acc"] == min(s[f"test/acc_class/{c}"] for c in range(10))
         assert f"model-{r.id}:model" in r.artifacts
-    for job in ("0", "1", "2"):
+
+        # The same pictures as PNG files in the run folder.
         for name in ("confusion_matrix", "per_class_accuracy", "learning_curves", "misclassified"):
             assert (multirun / job / "figures" / f"{name}.png").stat().st_size > 1000
 
 
-@pytest.fixture(scope="module")
-def failed_run(tmp_path_factory):
-    """A run that fails in its second epoch (an injected error), in-process."""
+@pytest.mark.slow
+def test_a_failed_run_is_marked_failed(tmp_path):
+    """A run that fails in its second epoch (an injected error, in-process): state failed, status failed."""
     from cifarlab.module import CifarModule
     from cifarlab.train import run
 
-    root = tmp_path_factory.mktemp("wandb_failed")
     original = CifarModule.on_train_epoch_end
 
     def failing(self):
@@ -280,127 +274,113 @@ def failed_run(tmp_path_factory):
             raise FloatingPointError("injected: training diverged")
 
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in wandb_env(root).items():
+        for key, value in wandb_env(tmp_path).items():
             mp.setenv(key, value)
         mp.setattr(CifarModule, "on_train_epoch_end", failing)
-        cfg = compose_train([*SMALL, "optimizer=sgd", "run_name=doomed"], root / "run")
         with pytest.raises(FloatingPointError):
-            run(cfg)
-    [folder] = find_offline_runs([root / "run"])
-    return root / "run", read_run(folder, wait=WAIT)
-
-
-@pytest.mark.slow
-def test_a_failed_run_is_marked_failed(failed_run):
-    output_dir, r = failed_run
+            run(compose_train([*SMALL, "optimizer=sgd", "run_name=doomed"], tmp_path / "run"))
+    [folder] = find_offline_runs([tmp_path / "run"])
+    r = read_run(folder, wait=WAIT)
     assert r.name == "doomed" and r.exit_code == 1 and r.state == "failed"
     assert r.summary["status"] == "failed" and "injected" in r.summary["error"]
     assert len(r.values("val/acc")) == 2  # what it logged before failing is kept
-    assert (output_dir / "figures" / "learning_curves.png").is_file()
+    assert (tmp_path / "run" / "figures" / "learning_curves.png").is_file()
 
 
-@pytest.fixture(scope="module")
-def sweep_summary(multirun, multirun_runs):
-    """log_sweep_summary on a small Optuna study (complete, pruned, failed trials) in the multirun's folder."""
+def fake_sweep(sweep_dir: Path):
+    """A small Optuna study (3 complete trials, 1 pruned, 1 failed) and the files a sweeper leaves."""
     import optuna
-
-    from cifarlab.loggers import log_sweep_summary
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=GROUP, direction="maximize")
-    values = {"sgd": 0.2, "adam": 0.5, "rmsprop": 0.4}
-    for number, value in enumerate(values.values()):
-        trial = study.ask(
-            {
-                "optimizer": optuna.distributions.CategoricalDistribution(list(values)),
-                "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
-            }
+    space = {
+        "optimizer": optuna.distributions.CategoricalDistribution(["sgd", "adam", "rmsprop"]),
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+    }
+    for number, value in enumerate([0.2, 0.5, 0.4]):
+        trial = study.ask(space)
+        job = sweep_dir / f"trial_{number:04d}"
+        job.mkdir(parents=True)
+        (job / "config.yaml").write_text(
+            f"optimizer:\n  _target_: torch.optim.X{number}\n  lr: 0.1\nseed: {number}\n"
         )
-        trial.set_user_attr("job_dir", str(multirun / str(number)))
+        trial.set_user_attr("job_dir", str(job))
         study.tell(trial, value)
-    pruned = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)})
+    pruned = study.ask(space)
     pruned.report(0.1, 0)
     study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
     study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
-    (multirun / "trials.csv").write_text("number,state,value\n0,COMPLETE,0.2\n")
-    (multirun / "optimization_results.yaml").write_text(
+    (sweep_dir / "trials.csv").write_text("number,state,value\n0,COMPLETE,0.2\n")
+    (sweep_dir / "optimization_results.yaml").write_text(
         f"name: {GROUP}\nbest_params: {{}}\nbest_value: 0.5\n"
     )
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in wandb_env(multirun.parent).items():
-            mp.setenv(key, value)
-        folder = log_sweep_summary(
-            study, multirun, GROUP, {"name": "wandb", "mode": "offline", "project": "cifarlab"}
-        )
-    return study, read_run(folder, wait=WAIT)
+    return study
 
 
 @pytest.mark.slow
-def test_sweep_summary_run(sweep_summary, multirun):
-    study, r = sweep_summary
-    assert r.job_type == "sweep-summary" and r.group == GROUP and r.exit_code == 0
+def test_sweep_summary_run_and_sync(tmp_path, no_credentials, capsys):
+    from cifarlab.loggers import log_sweep_summary
+
+    sweep_dir = tmp_path / "sweep"
+    study = fake_sweep(sweep_dir)
+    folder = log_sweep_summary(
+        study, sweep_dir, GROUP, {"name": "wandb", "mode": "offline", "project": "cifarlab"}
+    )
+    r = read_run(folder, wait=WAIT)
+    assert (
+        r.job_type == "sweep-summary"
+        and r.group == GROUP
+        and r.exit_code == 0
+        and r.name == f"{GROUP}-summary"
+    )
     s = r.summary
-    assert s["best_value"] == 0.5 and s["best_trial"] == study.best_trial.number
+    assert s["best_value"] == 0.5 and s["best_trial"] == study.best_trial.number == 1
     assert (s["n_complete"], s["n_pruned"], s["n_fail"]) == (3, 1, 1)
     assert s["sweep/trials.nrows"] == 5 and s["sweep/trials._type"] == "table-file"
     assert r.values("sweep/best_value") == [0.2, 0.5, 0.5]
+    # No PNGs in the sweep folder: Optuna's plots are made here.
     assert {
         "plots/optimization_history.path",
         "plots/param_importances.path",
         "plots/parallel_coordinate.path",
     } <= set(s)
     # The best config is the best trial's own resolved config (its job folder's config.yaml).
-    best_job = yaml.safe_load((multirun / str(study.best_trial.number) / "config.yaml").read_text())
-    assert r.config["best.optimizer._target_"] == best_job["optimizer"]["_target_"] == "torch.optim.Adam"
+    assert r.config["best.optimizer._target_"] == "torch.optim.X1" and r.config["best.seed"] == 1
     assert (r.folder / "files" / "trials.csv").is_file() and (
         r.folder / "files" / "optimization_results.yaml"
     ).is_file()
+    assert log_sweep_summary(study, sweep_dir, GROUP, {"name": "none"}) is None
 
-
-@pytest.mark.slow
-def test_trials_and_summary_share_one_group(sweep_summary, multirun):
-    runs = [read_run(f, wait=WAIT) for f in find_offline_runs([multirun])]
-    assert len(runs) == 4 and {r.group for r in runs} == {GROUP}
-    assert sorted(r.job_type for r in runs) == ["sweep-summary", "train", "train", "train"]
-
-
-@pytest.mark.slow
-def test_wandb_sync_lists_runs_and_needs_a_login(multirun_runs, multirun, no_credentials, capsys):
-    assert sync_main([str(multirun), "--dry-run"]) == 0
+    # make wandb-sync: lists the offline runs; without a login it uploads nothing and says so.
+    capsys.readouterr()
+    assert sync_main([str(sweep_dir), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "offline W&B run(s)" in out and all(r.name in out for r in multirun_runs.values())
-    assert sync_main([str(multirun)]) == 1
+    assert (
+        "1 offline W&B run(s)" in out and f"{GROUP}-summary  sweep-summary  completed  group {GROUP}" in out
+    )
+    assert sync_main([str(sweep_dir)]) == 1
     assert "not logged in" in capsys.readouterr().err
-    assert sync_main([str(multirun / "nothing-here")]) == 0
+    assert sync_main([str(tmp_path / "nothing-here")]) == 0
 
 
 @pytest.mark.slow
-def test_a_synthetic_sweep_leaves_one_run_per_trial_and_a_summary(tmp_path_factory):
+def test_a_synthetic_sweep_leaves_one_run_per_trial_and_a_summary(tmp_path):
     """python train.py -m hparams_search=synthetic_tiny logger=wandb: each trial a sweep-trial run, then the
     sweep's summary run, all in the study's group; PNG figures in every trial folder."""
-    root = tmp_path_factory.mktemp("wandb_sweep")
-    sweep_dir = root / "sweep"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and "PROXY" not in k.upper()}
-    env.update(wandb_env(root), PYTHONUNBUFFERED="1")
-    args = [
-        "-m",
-        "hparams_search=synthetic_tiny",
-        "logger=wandb",
-        "callbacks.figures=true",
-        "hydra.sweeper.n_trials=2",
-        "trainer.max_epochs=2",
-        "trainer.limit_train_batches=3",
-        f"hydra.sweep.dir={sweep_dir}",
-    ]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    sweep_dir = tmp_path / "sweep"
+    train_py(
+        [
+            "-m",
+            "hparams_search=synthetic_tiny",
+            "logger=wandb",
+            "callbacks.figures=true",
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=3",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        tmp_path,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = [read_run(f, wait=WAIT) for f in find_offline_runs([sweep_dir])]
     assert sorted(r.job_type for r in runs) == ["sweep-summary", "sweep-trial", "sweep-trial"]
     assert {r.group for r in runs} == {"synthetic_tiny"} and {r.exit_code for r in runs} == {0}
@@ -408,10 +388,11 @@ def test_a_synthetic_sweep_leaves_one_run_per_trial_and_a_summary(tmp_path_facto
     assert [r.name for r in trials] == ["synthetic_tiny-0000", "synthetic_tiny-0001"]
     for r in trials:
         assert len(r.values("val/acc")) == 2 and r.summary["status"] == "completed"
+        assert "trial:" + r.name[-1] in r.tags
         assert "val/confusion_matrix_table.nrows" in r.summary  # no test split in this search: on val
         for name in ("confusion_matrix", "per_class_accuracy", "learning_curves", "misclassified"):
             assert (Path(r.config["output_dir"]) / "figures" / f"{name}.png").is_file()
     [summary] = [r for r in runs if r.job_type == "sweep-summary"]
     assert summary.summary["sweep/trials.nrows"] == 2 and summary.summary["n_complete"] == 2
-    assert "plots/optimization_history.path" in summary.summary
+    assert "plots/optimization_history.path" in summary.summary  # the sweeper's own PNG
     assert summary.summary["best_value"] == max(r.summary["val/acc_best"] for r in trials)

@@ -60,7 +60,9 @@ class GradNormLogger(Callback):
         metrics.update({f"weight_norm/{n}": w for n, w in zip(names, weights_t, strict=True)})
         metrics["grad_norm/total"] = math.sqrt(sum(g * g for g in grads_t))
         # One number for vanishing (<< 1) or exploding (>> 1) gradients: first layer's norm over the last's.
-        metrics["grad_norm/first_to_last_ratio"] = grads_t[0] / grads_t[-1] if grads_t[-1] > 0 else float("nan")
+        metrics["grad_norm/first_to_last_ratio"] = (
+            grads_t[0] / grads_t[-1] if grads_t[-1] > 0 else float("nan")
+        )
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
