@@ -530,3 +530,27 @@ def test_importing_the_plugin_is_cheap():
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_postgres_urls_get_an_installed_driver():
+    import importlib.util
+
+    from cifarlab.sweeper.study import with_driver
+
+    url = with_driver("postgresql://u@h:5432/db")
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        assert url == "postgresql+psycopg2://u@h:5432/db"
+    assert with_driver("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert with_driver("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_dead_local_workers_are_not_live(tmp_path):
+    from cifarlab.sweeper.study import heartbeat, live_workers
+
+    study = _journal_study(tmp_path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = Owner.me()
+    heartbeat(study, me, 2, 0.0)
+    heartbeat(study, Owner(me.host, dead.pid, "1"), 2, 0.0)
+    assert live_workers(study, stale_after=60) == [str(me)]

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -320,7 +321,9 @@ class Sweep:
         study.pruner = self._pruner()
         for params in self.s.enqueue_trials:
             study.enqueue_trial(dict(params), skip_if_exists=True)
-        recovered = recover_stale(study, self.me, self.s.stale_after, self.s.max_retries)
+        recovered = recover_stale(
+            study, self.me, self.s.stale_after, self.s.max_retries, self._recover_finished
+        )
         self._header(study, recovered, others)
 
         previous = self._install_signals()
@@ -338,7 +341,9 @@ class Sweep:
                     heartbeat(study, self.me, len(self.slots), t0)
                     last_beat = now
                 if now - last_stale > min(60.0, self.s.stale_after / 2):
-                    if recover_stale(study, self.me, self.s.stale_after, self.s.max_retries):
+                    if recover_stale(
+                        study, self.me, self.s.stale_after, self.s.max_retries, self._recover_finished
+                    ):
                         check_budget = True
                     last_stale = now
                     check_budget = check_budget or exhausted
@@ -376,8 +381,8 @@ class Sweep:
             self.out.say(f"  sharing the study with {len(others)} other live sweep process(es)")
         if recovered:
             self.out.say(
-                f"  trials {recovered} were left running by a dead sweep process: marked FAIL, parameters "
-                "queued again"
+                f"  trials {recovered} were left running by a dead sweep process: recorded from their folders "
+                "when they had finished, else marked FAIL and their parameters queued again"
             )
 
     # -- launching ---------------------------------------------------------------------------------------------
@@ -478,33 +483,20 @@ class Sweep:
         return done
 
     def _finish_trial(self, study: Any, run: Running, rc: int) -> None:
-        from optuna.trial import TrialState
-
         duration = time.time() - run.started
         self.busy_s += duration
         run.log_file.close()
         metrics = read_metrics(run.job_dir)
-        status = metrics.get("status") if metrics else None
         trial = _trial_handle(study, run.trial_id)
         attrs: dict[str, Any] = {"exit_code": rc, "wall_s": round(duration, 3)}
         if metrics:
             attrs[METRICS] = {k: v for k, v in metrics.items() if _finite(v)}
         reason = None
         try:
-            if status == "completed":
-                values = [metrics.get(o) for o in self.s.objectives]
-                bad = [o for o, v in zip(self.s.objectives, values, strict=True) if not _finite(v)]
-                if bad:
-                    got = ", ".join(f"{o}={metrics.get(o)!r}" for o in bad)
-                    kind = "nan" if any(o in metrics for o in bad) else "missing_metric"
-                    reason = self._fail(study, run, kind, f"objective not a finite number: {got}", attrs)
-                else:
-                    self._set_attrs(trial, attrs)
-                    self._tell(study, run.number, values=[float(v) for v in values])
-            elif status == "pruned":
-                self._set_attrs(trial, attrs)
-                self._tell(study, run.number, state=TrialState.PRUNED)
-            elif run.killed_by_us and not run.timed_out:
+            handled, reason = self._record(study, run.number, trial, metrics, attrs)  # completed / pruned
+            if handled:
+                pass
+            elif run.killed_by_us and not run.timed_out:  # stopped by us: not the trial's fault, run it again
                 reason = "interrupted"
                 fail_trial(
                     study,
@@ -524,11 +516,8 @@ class Sweep:
                 error = (metrics or {}).get("error") or log_error(run.job_dir / "trial.log", rc)
                 if metrics and metrics.get("error") and rc != 0:
                     error = f"{error} (exit code {rc})"
-                kind = (
-                    "nan"
-                    if ("FloatingPointError" in error or "nan" in error.lower())
-                    else ("killed" if rc < 0 else "error")
-                )
+                diverged = "FloatingPointError" in error or re.search(r"\bnan\b", error, re.IGNORECASE)
+                kind = "nan" if diverged else ("killed" if rc < 0 else "error")
                 reason = self._fail(study, run, kind, error, attrs)
         finally:
             self.slots.release(run.slot, run.number)
@@ -554,6 +543,49 @@ class Sweep:
             write_results(study, self.sweep_dir, self.s.objectives, self.s.storage, trials=trials)
         except Exception as err:  # a results file must never take the sweep down
             log.warning("could not write the results: %s", err)
+
+    def _record(
+        self, study: Any, number: int, trial: Any, metrics: dict[str, Any] | None, attrs: dict[str, Any]
+    ) -> tuple[bool, str | None]:
+        """Tell a completed or pruned trial from its metrics.json; (handled, failure reason or None)."""
+        from optuna.trial import TrialState
+
+        status = metrics.get("status") if metrics else None
+        if status == "completed":
+            values = [metrics.get(o) for o in self.s.objectives]
+            bad = [o for o, v in zip(self.s.objectives, values, strict=True) if not _finite(v)]
+            if bad:
+                got = ", ".join(f"{o}={metrics.get(o)!r}" for o in bad)
+                kind = "nan" if any(o in metrics for o in bad) else "missing_metric"
+                fail_trial(study, number, kind, f"objective not a finite number: {got}", extra=attrs)
+                return True, kind
+            self._set_attrs(trial, attrs)
+            self._tell(study, number, values=[float(v) for v in values])
+            return True, None
+        if status == "pruned":
+            self._set_attrs(trial, attrs)
+            self._tell(study, number, state=TrialState.PRUNED)
+            return True, None
+        return False, None
+
+    def _recover_finished(self, study: Any, frozen: Any) -> bool:
+        """A trial of a dead sweep process that finished anyway (its metrics.json says so) is recorded as such
+        instead of being re-run. True when recorded (here or by another process)."""
+        job_dir = frozen.user_attrs.get(JOB_DIR)
+        metrics = read_metrics(Path(job_dir)) if job_dir else None
+        if not metrics or metrics.get("status") not in ("completed", "pruned", "failed"):
+            return False
+        attrs: dict[str, Any] = {METRICS: {k: v for k, v in metrics.items() if _finite(v)}, "recovered": True}
+        try:
+            if metrics["status"] == "failed":
+                error = str(metrics.get("error") or "failed")
+                kind = "nan" if "FloatingPointError" in error else "error"
+                fail_trial(study, frozen.number, kind, error, extra=attrs)
+            else:
+                self._record(study, frozen.number, _trial_handle(study, frozen._trial_id), metrics, attrs)
+        except (ValueError, RuntimeError):  # finished by another process meanwhile
+            pass
+        return True
 
     def _fail(self, study: Any, run: Running, reason: str, error: str, attrs: dict[str, Any]) -> str:
         fail_trial(study, run.number, reason, error, retry=False, extra=attrs)

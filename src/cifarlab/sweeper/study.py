@@ -81,6 +81,22 @@ def redact(spec: str) -> str:
     return spec
 
 
+def with_driver(url: str) -> str:
+    """``postgresql://`` → ``postgresql+psycopg2://`` when only psycopg2 is installed (SQLAlchemy 2.1 defaults to
+    psycopg 3; the ``postgres`` extra installs psycopg2-binary)."""
+    import importlib.util
+
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            if (
+                importlib.util.find_spec("psycopg") is None
+                and importlib.util.find_spec("psycopg2") is not None
+            ):
+                return "postgresql+psycopg2://" + url[len(scheme) :]
+            return "postgresql://" + url[len(scheme) :]
+    return url
+
+
 def make_storage(spec: str) -> Any:
     """An Optuna storage object from a spec (retrying briefly: processes may create tables concurrently)."""
     import optuna
@@ -101,7 +117,7 @@ def make_storage(spec: str) -> Any:
     last: Exception | None = None
     for attempt in range(8):
         try:
-            return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs)
+            return optuna.storages.RDBStorage(with_driver(spec), engine_kwargs=engine_kwargs)
         except ImportError as err:
             driver = (
                 "psycopg2-binary (pip install 'cifarlab[postgres]')" if "postgres" in spec else "its driver"
@@ -246,15 +262,19 @@ def heartbeat(study: optuna.Study, me: Owner, slots: int, started: float) -> Non
 
 
 def live_workers(study: optuna.Study, stale_after: float, now: float | None = None) -> list[str]:
+    """Sweep processes of the study that look alive: a recent heartbeat (and, on this host, a live pid)."""
     now = time.time() if now is None else now
+    host = socket.gethostname()
     out = []
     for key, rec in study.user_attrs.items():
-        if (
-            key.startswith(WORKER_PREFIX)
-            and isinstance(rec, dict)
-            and now - rec.get("heartbeat", 0) < stale_after
-        ):
-            out.append(key[len(WORKER_PREFIX) :])
+        if not key.startswith(WORKER_PREFIX) or not isinstance(rec, dict):
+            continue
+        if now - rec.get("heartbeat", 0) >= stale_after:
+            continue
+        owner = Owner.parse(key[len(WORKER_PREFIX) :])
+        if owner is not None and owner.host == host and not owner.alive_here():
+            continue
+        out.append(key[len(WORKER_PREFIX) :])
     return out
 
 
@@ -311,8 +331,12 @@ def fail_trial(
     return frozen.number
 
 
-def recover_stale(study: optuna.Study, me: Owner, stale_after: float, max_retries: int) -> list[int]:
-    """Fail (and re-enqueue) the RUNNING trials of sweep processes that are gone. Returns their numbers."""
+def recover_stale(
+    study: optuna.Study, me: Owner, stale_after: float, max_retries: int, finished: Any = None
+) -> list[int]:
+    """Fail (and re-enqueue) the RUNNING trials of sweep processes that are gone. Returns their numbers.
+
+    ``finished(study, trial) -> bool`` may first record a trial that completed after all (its folder says so)."""
     from optuna.trial import TrialState
 
     now = time.time()
@@ -320,6 +344,9 @@ def recover_stale(study: optuna.Study, me: Owner, stale_after: float, max_retrie
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if is_stale(t, me, workers, stale_after, now):
+            if finished is not None and finished(study, t):
+                recovered.append(t.number)
+                continue
             owner = t.user_attrs.get(OWNER, "?")
             number = fail_trial(
                 study, t, "stale", f"its sweep process {owner} is gone", retry=True, max_retries=max_retries

@@ -24,7 +24,7 @@ class CifarlabOptunaSweeper(Sweeper):
         from cifarlab.sweeper.runner import SweepError, run_sweep, worker_main
         from cifarlab.sweeper.settings import settings_from_hydra
         from cifarlab.sweeper.slots import SlotError
-        from cifarlab.sweeper.space import SearchSpaceError
+        from cifarlab.sweeper.space import SearchSpaceError, build_space
         from cifarlab.sweeper.study import StorageError
 
         assert self.config is not None and self.hydra_context is not None
@@ -38,7 +38,9 @@ class CifarlabOptunaSweeper(Sweeper):
                 hydra_context=self.hydra_context,
                 task_function=functools.partial(worker_main, settings),
             )
-            jobs = [[f"hydra.sweep.subdir=workers/{i}"] for i in range(workers)]
+            # each job composes the task config again: give it the command line's plain (non-sweep) overrides
+            _, plain = build_space(settings.params, settings.arguments, settings.conditional)
+            jobs = [[*plain, f"hydra.sweep.subdir=workers/{i}"] for i in range(workers)]
             returns = launcher.launch(jobs, initial_job_idx=0)
             from cifarlab.sweeper.results import summarise_study
 
