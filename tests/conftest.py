@@ -25,6 +25,7 @@ TINY = [
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=3",
     "logger=none",
+    "callbacks.figures=false",  # the end-of-run figures have tests of their own (test_figures, test_wandb)
 ]
 
 

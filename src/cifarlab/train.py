@@ -121,6 +121,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger=None, extra_callback
         benchmark=t.benchmark,
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
+        enable_checkpointing=cfg.callbacks.checkpoint,
         default_root_dir=str(output_dir),
         logger=logger if logger is not None else False,
         callbacks=callbacks + list(extra_callbacks),
@@ -137,8 +138,9 @@ def quiet_lightning() -> None:
     import logging
     import warnings
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
