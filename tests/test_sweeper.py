@@ -216,8 +216,9 @@ def test_gpu_slots_spread_over_gpus_and_pin_one_each():
 def test_cpu_slots_split_the_cores():
     slots = plan_slots("auto", n_jobs=3, gpus=[], cores=8)
     assert [(s.name, s.threads) for s in slots] == [("cpu0", 2), ("cpu1", 2), ("cpu2", 2)]
-    assert slots[0].env()["CUDA_VISIBLE_DEVICES"] == ""
-    assert plan_slots("cpu", gpus=["0"], cores=2)[0].kind == "cpu"  # devices=cpu ignores GPUs
+    assert "CUDA_VISIBLE_DEVICES" not in slots[0].env()  # no GPU found: leave the variable alone
+    cpu = plan_slots("cpu", gpus=["0"], cores=2)[0]  # devices=cpu ignores GPUs and hides them
+    assert cpu.kind == "cpu" and cpu.env()["CUDA_VISIBLE_DEVICES"] == ""
     assert len(plan_slots("auto", n_jobs=None, gpus=[], cores=2)) == 1
     with pytest.raises(SlotError, match="no GPU"):
         plan_slots("gpu", gpus=[])

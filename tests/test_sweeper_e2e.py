@@ -257,6 +257,27 @@ def test_killed_sweep_resumes_to_exactly_n_trials_without_overwriting(tmp_path):
     assert "left running by a dead sweep process" in result.stdout
 
 
+def test_ctrl_c_stops_running_trials_and_queues_them_again(tmp_path):
+    conf = _conf(tmp_path, "sleepy", SLEEPY)
+    sweep = tmp_path / "sweep"
+    cmd = _cmd(conf, "sleepy", sweep, SLEEP_TASK, "hydra.sweeper.n_trials=4", "hydra.sweeper.params.sleep=30")
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    while len(list(sweep.glob("trial_*/trial.log"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    trials = _trials(f"journal:{sweep}/journal.log", "sleepy")
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
+    assert all(t.user_attrs[FAIL_REASON] == "interrupted" for t in trials[:2])
+    assert [t.user_attrs[RETRY_OF] for t in trials[2:]] == [0, 1]
+    assert "re-run the same command to resume" in out and (sweep / "trials.csv").exists()
+
+
 def test_two_sweep_processes_share_one_study_and_budget(tmp_path):
     conf = _conf(tmp_path, "sleepy", SLEEPY)
     sweep = tmp_path / "sweep"

@@ -429,8 +429,11 @@ def _wandb_summary(study: optuna.Study, sweep_dir: Path, s: Any) -> None:
 
 def summarise_study(settings: Any, returns: Sequence[Any] = ()) -> dict[str, int]:
     """After launcher workers (``hydra.sweeper.workers``): their outcomes, then the study's results and plots."""
+    import optuna
+
     from cifarlab.sweeper.study import make_storage, open_study
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Console(Path(settings.sweep_dir) / "sweep.log", quiet=settings.quiet)
     for i, ret in enumerate(returns):
         status = getattr(getattr(ret, "status", None), "name", "?")

@@ -319,7 +319,13 @@ class Sweep:
         others = [w for w in live_workers(study, self.s.stale_after) if w != str(self.me)]
         study.sampler = self._sampler(bool(others))
         study.pruner = self._pruner()
+        names = set(self.space.names())
         for params in self.s.enqueue_trials:
+            unknown = sorted(set(params) - names)
+            if unknown:
+                self.out.say(
+                    f"warning: enqueue_trials: {unknown} are not searched parameters and are ignored"
+                )
             study.enqueue_trial(dict(params), skip_if_exists=True)
         recovered = recover_stale(
             study, self.me, self.s.stale_after, self.s.max_retries, self._recover_finished

@@ -4,7 +4,8 @@
   (``CUDA_VISIBLE_DEVICES``). GPUs are counted without initialising CUDA in the sweep process:
   ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``.
 - No GPU (or ``devices: cpu``): ``n_jobs`` slots; each trial gets ``cores // n_jobs`` threads
-  (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``) so that parallel trials do not oversubscribe the CPU.
+  (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``) so that parallel trials do not oversubscribe the CPU; with
+  ``devices: cpu`` the trials also see no GPU (``CUDA_VISIBLE_DEVICES=""``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ class Slot:
     gpus: tuple[str, ...] = ()  # GPU ids (as CUDA_VISIBLE_DEVICES names them) of a gpu slot
     threads: int = 1  # CPU threads a trial in this slot may use
     share: int = 0  # which of the trials_per_gpu trials on these GPUs (0, 1, ...)
+    hide_gpus: bool = False  # a cpu slot of devices=cpu: the trial sees no GPU
 
     @property
     def name(self) -> str:
@@ -39,7 +42,8 @@ class Slot:
     def env(self) -> dict[str, str]:
         threads = str(self.threads)
         env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)  # "" for a cpu slot: the trial sees no GPU
+        if self.gpus or self.hide_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
         return env
 
 
@@ -64,7 +68,11 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
         return out
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return []
+        torch = sys.modules.get("torch")  # already imported by the entry point: ask it (children exec anew)
+        try:
+            return [str(i) for i in range(torch.cuda.device_count())] if torch is not None else []
+        except Exception:
+            return []
     try:
         result = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -112,7 +120,8 @@ def plan_slots(
         if n < 1:
             raise SlotError(f"n_jobs={n_jobs}: must be >= 1")
         threads = threads_per_trial or max(1, cores // n)
-        return [Slot(i, "cpu", (), threads) for i in range(n)]
+        hide = str(devices) == "cpu"
+        return [Slot(i, "cpu", (), threads, hide_gpus=hide) for i in range(n)]
 
     if len(ids) < gpus_per_trial:
         raise SlotError(f"gpus_per_trial={gpus_per_trial} but only {len(ids)} GPU(s) visible: {ids}")
