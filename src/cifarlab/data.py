@@ -115,9 +115,13 @@ def _read_batches(folder: Path, files: list[str], label_key: str, num_classes: i
             data = np.asarray(batch["data"], dtype=np.uint8)
             target = np.asarray(batch[label_key], dtype=np.int64)
         except Exception as err:  # noqa: BLE001 - any unreadable batch gets the same advice
-            raise DataError(f"{path} is corrupt ({type(err).__name__}: {err}); delete {folder} and run again") from None
+            raise DataError(
+                f"{path} is corrupt ({type(err).__name__}: {err}); delete {folder} and run again"
+            ) from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(target) != len(data):
-            raise DataError(f"{path} is corrupt (data shape {data.shape}, {len(target)} labels); delete {folder}")
+            raise DataError(
+                f"{path} is corrupt (data shape {data.shape}, {len(target)} labels); delete {folder}"
+            )
         if len(target) and (target.min() < 0 or target.max() >= num_classes):
             raise DataError(f"{path} is corrupt (labels outside 0..{num_classes - 1}); delete {folder}")
         images.append(data.reshape(-1, 3, 32, 32))
@@ -148,12 +152,15 @@ def make_synthetic(num_images: int, num_classes: int = 10, seed: int = 0, image_
     """
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
-    templates = F.interpolate(coarse, size=(image_size + 8, image_size + 8), mode="bicubic", align_corners=False)
+    templates = F.interpolate(
+        coarse, size=(image_size + 8, image_size + 8), mode="bicubic", align_corners=False
+    )
     labels = torch.randint(0, num_classes, (num_images,), generator=g)
     shifts = torch.randint(0, 81, (num_images,), generator=g)  # one of the 9x9 shifts of up to 4 pixels
     # Every class template at every shift, (classes * 81, 3, H, W); each image then is one row of it.
     bank = torch.stack(
-        [templates[:, :, dy : dy + image_size, dx : dx + image_size] for dy in range(9) for dx in range(9)], dim=1
+        [templates[:, :, dy : dy + image_size, dx : dx + image_size] for dy in range(9) for dx in range(9)],
+        dim=1,
     ).reshape(num_classes * 81, 3, image_size, image_size)
     crops = bank[labels * 81 + shifts]  # (N, 3, H, W)
     contrast = 0.5 + torch.rand(num_images, 1, 1, 1, generator=g)  # signal 0.3 vs noise 0.5: hard enough that
@@ -176,8 +183,12 @@ def load_imagefolder(root: Path, image_size: int = 32):
         dataset = ImageFolder(str(root), transform=to_tensor)
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"data.root={str(root)!r}: {err}") from None
-    images = torch.stack([dataset[i][0][:3] if dataset[i][0].shape[0] >= 3 else dataset[i][0].expand(3, -1, -1)
-                          for i in range(len(dataset))])
+    images = torch.stack(
+        [
+            dataset[i][0][:3] if dataset[i][0].shape[0] >= 3 else dataset[i][0].expand(3, -1, -1)
+            for i in range(len(dataset))
+        ]
+    )
     labels = torch.tensor(dataset.targets, dtype=torch.int64)
     return images, labels, dataset.classes
 
@@ -199,20 +210,28 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image, in one gather.
 
-    (B, C, H, W) uint8 → (B, C, H, W) uint8 whose memory is channels_last (the gather yields NHWC).
+    (B, C, H, W) uint8 → (B, C, H, W) uint8, in the memory layout of the input. Each image draws its own
+    shift (dy, dx in 0..2·pad) and flip from ``generator``; one ``gather`` over the padded batch then reads
+    every output pixel from its source pixel (a flip reads the row backwards). On a CPU this is ~4x faster
+    than advanced indexing with per-image row/column index tensors; on a GPU it is a handful of kernels.
     """
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     device = images.device
+    k, hp, wp = 2 * pad + 1, h + 2 * pad, w + 2 * pad
+    dy = torch.randint(0, k, (b, 1, 1), device=device, generator=generator)
+    dx = torch.randint(0, k, (b, 1, 1), device=device, generator=generator)
+    flip = torch.randint(0, 2, (b, 1, 1), device=device, generator=generator).bool()
+    cols = torch.arange(w, device=device).view(1, 1, w)
+    cols = torch.where(flip, w - 1 - cols, cols)  # flipping = reading the row backwards
+    rows = torch.arange(h, device=device).view(1, h, 1)
+    source = (dy + rows) * wp + dx + cols  # (B, H, W): flat index of each output pixel in its padded image
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
-    flip = torch.randint(0, 2, (b,), device=device, generator=generator).bool()
-    rows = dy[:, None] + torch.arange(h, device=device)  # (B, H)
-    col_offsets = torch.arange(w, device=device)
-    col_offsets = torch.where(flip[:, None], w - 1 - col_offsets, col_offsets)  # flipping = reading backwards
-    cols = dx[:, None] + col_offsets  # (B, W)
-    out = padded[torch.arange(b, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
+    if c > 1 and images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        flat = padded.permute(0, 2, 3, 1).reshape(b, hp * wp * c)  # NHWC: channels innermost
+        index = (source.view(b, h * w, 1) * c + torch.arange(c, device=device)).view(b, h * w * c)
+        return flat.gather(1, index).view(b, h, w, c).permute(0, 3, 1, 2)
+    flat = padded.reshape(b, c, hp * wp)
+    return flat.gather(2, source.view(b, 1, h * w).expand(b, c, h * w)).view(b, c, h, w)
 
 
 class DeviceBatches:
@@ -269,13 +288,17 @@ class DeviceBatches:
             order = order[self.rank :: self.world_size][: self._per_rank()]
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = self.images[idx]
+            # index_select on the NCHW uint8 store: plain row copies (advanced indexing x[idx] is ~8x slower
+            # on a CPU). Crop/flip then run on uint8, so the float work below touches each pixel once.
+            x = self.images.index_select(0, idx)
             if self.augment:
                 x = crop_flip(x, generator)
-            x = x.float() * self.scale + self.shift  # fused normalisation, still uint8-sized traffic before
-            if self.channels_last:
+            # (x/255 - mean)/std as one multiply-add, in NCHW where the per-channel constants broadcast over
+            # contiguous rows (in NHWC the inner dimension would be the 3 channels: ~2x slower on a CPU) ...
+            x = x.float().mul_(self.scale).add_(self.shift)
+            if self.channels_last:  # ... then one copy into the layout the channels_last model wants
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield x, self.labels.index_select(0, idx)
 
 
 class CifarDataModule(L.LightningDataModule):
@@ -311,7 +334,9 @@ class CifarDataModule(L.LightningDataModule):
         if name in CIFAR:
             self.num_classes = CIFAR[name]["num_classes"]
         elif name == "imagefolder":
-            classes = [p for p in Path(root or ".").iterdir() if p.is_dir()] if root and Path(root).is_dir() else []
+            classes = (
+                [p for p in Path(root or ".").iterdir() if p.is_dir()] if root and Path(root).is_dir() else []
+            )
             self.num_classes = num_classes or len(classes)
         else:
             self.num_classes = num_classes or 10
@@ -327,7 +352,9 @@ class CifarDataModule(L.LightningDataModule):
         if self.name in CIFAR:
             return load_cifar(self.data_dir, self.name, self.download, self.verify_checksum)
         if self.name == "synthetic":
-            x, y = make_synthetic(self.train_size + self.test_size, self.num_classes, seed=1234, image_size=self.image_size)
+            x, y = make_synthetic(
+                self.train_size + self.test_size, self.num_classes, seed=1234, image_size=self.image_size
+            )
             n = self.train_size
             return x[:n], y[:n], x[n:], y[n:]
         if self.name == "imagefolder":
@@ -346,7 +373,9 @@ class CifarDataModule(L.LightningDataModule):
             return
         train_x, train_y, test_x, test_y = self._load()
         if not 1 <= self.val_size < len(train_y):
-            raise DataError(f"data.val_size={self.val_size} is out of range; allowed: 1 <= val_size < {len(train_y)}")
+            raise DataError(
+                f"data.val_size={self.val_size} is out of range; allowed: 1 <= val_size < {len(train_y)}"
+            )
         # A fixed split (split_seed, not the run's seed) so every trial of a sweep validates on the same images.
         perm = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(self.split_seed))
         val_idx, train_idx = perm[: self.val_size], perm[self.val_size :]
