@@ -39,8 +39,13 @@ class CifarModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.num_classes = weight_decay, num_classes
         self.config = config or {}  # the resolved run config, stored in every checkpoint for eval.py
-        self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(3))
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # Training metrics run every step, so they must not wait for the GPU: no argument checks (labels are
+        # checked when the data is loaded) and no NaN filter (a NaN loss reaches the epoch mean, which fails
+        # the run below); both would call .item()/.any() on device tensors, a host sync per step.
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(2))
+        self.train_loss = MeanMetric(nan_strategy="disable")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,10 +58,13 @@ class CifarModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits = self._shared_step(batch)
-        self.train_loss(loss.detach())
-        self.train_acc(logits.detach(), batch[1])
+        # update(), not __call__: __call__ would also compute a per-batch value, then throw it away
+        self.train_loss.update(loss.detach())
+        self.train_acc.update(logits.detach(), batch[1])
         self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        # A CPU tensor: a Python float would become a new device tensor every step (a host-to-device copy).
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", torch.tensor(float(lr)), on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_end(self) -> None:
