@@ -281,7 +281,7 @@ def test_ctrl_c_stops_running_trials_and_queues_them_again(tmp_path):
 def test_two_sweep_processes_share_one_study_and_budget(tmp_path):
     conf = _conf(tmp_path, "sleepy", SLEEPY)
     sweep = tmp_path / "sweep"
-    cmd = _cmd(conf, "sleepy", sweep, SLEEP_TASK, "hydra.sweeper.n_jobs=1", "hydra.sweeper.params.sleep=2.0")
+    cmd = _cmd(conf, "sleepy", sweep, SLEEP_TASK, "hydra.sweeper.n_jobs=1", "hydra.sweeper.params.sleep=1.5")
     procs = [
         subprocess.Popen(
             cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

@@ -5,8 +5,7 @@ Utilisation = time the slots spent running trials / (slots × wall time). Both m
 the same runner (:class:`cifarlab.sweeper.runner.Sweep`; ``sync_batches`` adds the batch barrier):
 
 - simulated: trials that sleep for deliberately varied durations (:mod:`cifarlab.sweeper.sleep_task`);
-- real (``--real``): short ``train.py`` trials of ``hparams_search=synthetic_tiny`` with median pruning, whose
-  pruned trials end early.
+- real (``--real``): short ``train.py`` trials (``hparams_search=synthetic_tiny``) of 1 or 5 epochs.
 
     python -m cifarlab.sweeper.bench [--slots 2] [--real] [--json out.json]
 """
@@ -73,13 +72,15 @@ def simulated(
     return out
 
 
-def real(slots: int = 2, n_trials: int = 6, workdir: str | None = None) -> dict[str, Any]:
-    """Short synthetic_tiny train.py trials (median pruning), asynchronously and in synchronous batches."""
+def real(
+    slots: int = 2, epochs: tuple[int, ...] = (1, 5, 1, 5, 5, 1), workdir: str | None = None
+) -> dict[str, Any]:
+    """Short synthetic train.py trials of 1 or 5 epochs (in this order), asynchronously and in synchronous batches."""
     root = Path(__file__).resolve().parents[3]
     script = root / "train.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} not found: run the real benchmark from a cifarlab checkout")
-    out: dict[str, Any] = {"kind": "real", "slots": slots, "n_trials": n_trials}
+    out: dict[str, Any] = {"kind": "real", "slots": slots, "epochs": list(epochs)}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         for mode in ("async", "sync"):
             sweep_dir = Path(tmp) / mode
@@ -89,22 +90,24 @@ def real(slots: int = 2, n_trials: int = 6, workdir: str | None = None) -> dict[
                 sweep_dir=str(sweep_dir),
                 task_command=[sys.executable, str(script)],
                 task_cwd=str(root),
-                monitor="val/acc",
+                monitor=None,  # no pruning: both modes run exactly the same trials
                 sampler={"_target_": "optuna.samplers.RandomSampler", "seed": 0},
-                pruner={
-                    "_target_": "optuna.pruners.MedianPruner",
-                    "n_startup_trials": 1,
-                    "n_warmup_steps": 0,
+                n_trials=len(epochs),
+                arguments=[
+                    "hparams_search=synthetic_tiny",
+                    "data.image_size=32",
+                    "trainer.limit_train_batches=30",
+                ],
+                params={
+                    "trainer.max_epochs": f"choice({', '.join(str(e) for e in sorted(set(epochs)))})",
+                    "optimizer.lr": "tag(log, interval(1e-3, 1e-2))",
                 },
-                n_trials=n_trials,
-                arguments=["hparams_search=synthetic_tiny", "trainer.max_epochs=4"],
-                params={"optimizer": "choice(sgd, adam)", "optimizer.lr": "tag(log, interval(1e-4, 3e-2))"},
+                enqueue_trials=[{"trainer.max_epochs": e} for e in epochs],
                 set_run_name=False,
                 plots=False,
                 quiet=True,
                 wandb_summary=False,
                 sync_batches=(mode == "sync"),
-                extra_env={"CIFARLAB_DATA_DIR": tmp},
             )
             out[mode] = _measure(settings, slots)
     out["ratio"] = round(out["async"]["utilisation"] / max(out["sync"]["utilisation"], 1e-9), 3)
