@@ -304,3 +304,30 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["no-such-command"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_race_table_pairs_course_optimizers_with_their_twins(tmp_path):
+    """The reader of a course_optimizers sweep: best completed value and its lr per optimizer."""
+    import csv
+
+    from cifarlab.course.race import best_per_optimizer, format_race
+
+    rows = [
+        ("COMPLETE", "0.61", "course/rmsprop", "0.001"),
+        ("COMPLETE", "0.64", "course/rmsprop", "0.0003"),
+        ("PRUNED", "0.70", "course/rmsprop", "0.01"),  # pruned values never win the race
+        ("COMPLETE", "0.66", "rmsprop", "0.0003"),
+        ("FAIL", "", "course/adagrad", "0.03"),
+    ]
+    path = tmp_path / "trials.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["number", "state", "value", "params:optimizer", "params:optimizer.lr"])
+        writer.writerows((i, *row) for i, row in enumerate(rows))
+    table = best_per_optimizer(path)
+    assert table["course/rmsprop"]["best"] == 0.64 and table["course/rmsprop"]["lr"] == "0.0003"
+    assert table["course/rmsprop"]["pruned"] == 1 and table["course/adagrad"]["failed"] == 1
+    text = format_race(table)
+    line = next(t for t in text.splitlines() if t.startswith("course/rmsprop"))
+    assert "0.6400" in line and "0.6600" in line  # course value and its twin on one line
+    assert "3 complete, 1 pruned, 1 failed" in text

@@ -4,6 +4,7 @@ Commands:
   demos          the lecture's 1-D gradient-descent pictures (x², the quartic; GD, momentum, decay, ...)
   init-variance  output variance of a linear layer under N(0,1), Xavier and He initialisation
   gradients      per-layer gradient norms of the course CNN: sigmoid vs ReLU, default vs He init
+  race           the course_optimizers sweep as a table: each course optimizer next to its torch twin
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch CPU threads; 0 keeps torch's default (default: %(default)s: small convolutions gain little "
         "from more, and lose a lot when the cores are shared)",
     )
+    p = sub.add_parser("race", help="read a course_optimizers sweep: best val/acc and lr per optimizer")
+    p.add_argument("sweep_dir", type=Path, nargs="?", default=Path("multirun/course_optimizers"),
+                   help="the sweep folder (default: %(default)s)")
     return parser
 
 
@@ -71,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         from cifarlab.course import init_variance
 
         init_variance.main(args.out, n_out=args.n_out, max_n=args.max_n_in, batch=args.batch)
+    elif args.command == "race":
+        from cifarlab.course import race
+
+        return race.main(args.sweep_dir)
     elif args.command == "gradients":
         from cifarlab.course import gradients
 
