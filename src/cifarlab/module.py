@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,27 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifarlab.model import parameter_groups
+
+
+def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params) -> torch.optim.Optimizer:
+    """``factory(params)`` in torch's fastest implementation of the same update rule: ``fused=True`` (one
+    kernel for all parameters; on a CPU ~5x faster steps than the per-tensor loop) where the class has it
+    (Adam, AdamW, SGD, Adagrad), else ``foreach=True`` (~2x; RMSprop, NAdam, RAdam), else as configured
+    (the course's own optimizers). Never overrides an explicit ``fused``/``foreach`` setting."""
+    cls = getattr(factory, "func", factory)
+    keywords = getattr(factory, "keywords", {}) or {}
+    try:
+        accepted = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if keywords.get("fused") is None and keywords.get("foreach") is None:
+        for option in ("fused", "foreach"):
+            if option in accepted:
+                try:
+                    return factory(params, **{option: True})
+                except (RuntimeError, ValueError, TypeError):  # e.g. no fused kernel for this device
+                    continue
+    return factory(params)
 
 
 class CifarModule(L.LightningModule):
@@ -106,7 +128,7 @@ class CifarModule(L.LightningModule):
         self.test_acc.reset()
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(parameter_groups(self.net, self.weight_decay))
+        optimizer = build_optimizer(self.optimizer_factory, parameter_groups(self.net, self.weight_decay))
         if self.scheduler_factory is None:
             return optimizer
         max_epochs = max(1, self.trainer.max_epochs or 1)
