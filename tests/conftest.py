@@ -12,6 +12,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: each worker (and every process it starts) gets one
+    # thread, so two workers never fight over the same two cores.
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 CONF = ROOT / "conf"
 
 # Small, fast synthetic runs: a few batches of a few hundred images.
