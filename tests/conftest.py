@@ -48,7 +48,9 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def compose_train(overrides: list[str], output_dir: Path | None = None, config_name: str = "train") -> DictConfig:
+def compose_train(
+    overrides: list[str], output_dir: Path | None = None, config_name: str = "train"
+) -> DictConfig:
     """Compose conf/train.yaml with ``overrides`` exactly as train.py would (schemas registered)."""
     from cifarlab.config import register_configs
 
@@ -58,9 +60,20 @@ def compose_train(overrides: list[str], output_dir: Path | None = None, config_n
         return compose(config_name=config_name, overrides=overrides + extra)
 
 
-def run_script(args: list[str], cwd: Path = ROOT, timeout: float = 300, script: str = "train.py",
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    args: list[str],
+    cwd: Path = ROOT,
+    timeout: float = 300,
+    script: str = "train.py",
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run an entry point as a user would, in a real subprocess, and capture what it prints."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -15,7 +15,9 @@ SCHEDULERS = sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml"))
 
 def test_every_torch_optimizer_has_a_config_file():
     assert set(TORCH_OPTIMIZERS) <= set(OPTIMIZERS)
-    assert {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "radam"} <= set(OPTIMIZERS)
+    assert {"sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "nadam", "radam"} <= set(
+        OPTIMIZERS
+    )
     assert {"none", "step", "exponential", "cosine", "onecycle", "plateau"} <= set(SCHEDULERS)
 
 
@@ -58,7 +60,10 @@ def test_wrong_type_fails_at_composition():
         ("model.dropout=1.5", "model.dropout=1.5 is not allowed; allowed: 0 <= dropout < 1"),
         ("model.dropout=-0.1", "model.dropout=-0.1"),
         ("model.init=he", "model.init='he' is not allowed; allowed: kaiming_uniform, kaiming_normal"),
-        ("model.activation=gelu", "model.activation='gelu' is not allowed; allowed: relu, leaky_relu, sigmoid, tanh"),
+        (
+            "model.activation=gelu",
+            "model.activation='gelu' is not allowed; allowed: relu, leaky_relu, sigmoid, tanh",
+        ),
         ("model.weight_decay=-1e-4", "model.weight_decay=-0.0001 is not allowed; allowed: weight_decay >= 0"),
         ("optimizer.lr=0", "optimizer.lr=0.0 is not allowed; allowed: lr > 0"),
         ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
@@ -88,7 +93,9 @@ def test_bad_value_exits_1_with_one_line(tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    result = run_script(["data=synthetic", f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/run"])
+    result = run_script(
+        ["data=synthetic", f"ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/run"]
+    )
     assert result.returncode == 1
     assert "ckpt_path=" in result.stderr and "an existing checkpoint file" in result.stderr
     assert "Traceback" not in result.stderr

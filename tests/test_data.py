@@ -73,7 +73,9 @@ def test_cifar_archive_is_extracted_and_read(tmp_path, name):
 
 def test_checksum_mismatch_is_reported(tmp_path):
     write_cifar_archive(tmp_path)
-    with pytest.raises(DataError, match=r"cifar-10-python.tar.gz is corrupt or incomplete \(md5 .*expected c58f"):
+    with pytest.raises(
+        DataError, match=r"cifar-10-python.tar.gz is corrupt or incomplete \(md5 .*expected c58f"
+    ):
         load_cifar(tmp_path, "cifar10", download=False, verify_checksum=True)
 
 
@@ -152,8 +154,12 @@ def test_crop_flip_matches_a_per_image_reference():
     for i in range(64):
         # Every output image is one of the 81 crops of its padded input, possibly flipped.
         crops = {(dy, dx): padded[i, :, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)}
-        found = [(dy, dx, f) for (dy, dx), c in crops.items() for f in (False, True)
-                 if torch.equal(out[i], c.flip(2) if f else c)]
+        found = [
+            (dy, dx, f)
+            for (dy, dx), c in crops.items()
+            for f in (False, True)
+            if torch.equal(out[i], c.flip(2) if f else c)
+        ]
         assert found, f"image {i} is not a crop of its input"
         dy, dx, f = found[0]
         flips += f
@@ -199,7 +205,9 @@ def test_datamodule_splits_without_touching_test(tmp_path):
     dm = CifarDataModule("synthetic", data_dir=str(tmp_path), val_size=100, train_size=500, test_size=50)
     dm.setup()
     assert [len(dm.splits[s][1]) for s in ("train", "val", "test")] == [400, 100, 50]
-    other = CifarDataModule("synthetic", data_dir=str(tmp_path), val_size=100, train_size=500, test_size=50, seed=99)
+    other = CifarDataModule(
+        "synthetic", data_dir=str(tmp_path), val_size=100, train_size=500, test_size=50, seed=99
+    )
     other.setup()
     assert torch.equal(dm.splits["val"][1], other.splits["val"][1])  # same val split whatever the run seed
     assert all(abs(m - 0.5) < 0.1 for m in dm.mean)
@@ -213,7 +221,9 @@ def test_imagefolder(tmp_path):
         for cls in ("cat", "dog", "ship"):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
     dm = CifarDataModule("imagefolder", root=str(tmp_path / "train"), val_size=6, image_size=32)
     assert dm.num_classes == 3
     dm.setup()

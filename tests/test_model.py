@@ -14,7 +14,10 @@ def test_architecture_matches_the_course():
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.padding) for c in convs] == [
-        (3, 32, (3, 3), (1, 1)), (32, 64, (3, 3), (1, 1)), (64, 128, (3, 3), (1, 1))]
+        (3, 32, (3, 3), (1, 1)),
+        (32, 64, (3, 3), (1, 1)),
+        (64, 128, (3, 3), (1, 1)),
+    ]
     assert [(lin.in_features, lin.out_features) for lin in linears] == [(2048, 256), (256, 10)]
     assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 3
     assert [m.p for m in net.modules() if isinstance(m, nn.Dropout)] == [0.5]
@@ -30,7 +33,9 @@ def test_every_init_and_activation(init, activation):
     torch.manual_seed(0)
     net = CifarCNN(init=init, activation=activation)
     acts = {type(m).__name__.lower() for m in net.modules()}
-    assert {"relu": "relu", "leaky_relu": "leakyrelu", "sigmoid": "sigmoid", "tanh": "tanh"}[activation] in acts
+    assert {"relu": "relu", "leaky_relu": "leakyrelu", "sigmoid": "sigmoid", "tanh": "tanh"}[
+        activation
+    ] in acts
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if init == "default":
         assert any(layer.bias.abs().sum() > 0 for layer in layers)  # PyTorch's own uniform biases

@@ -35,7 +35,9 @@ def test_the_readme_has_a_dozen_examples():
 @pytest.mark.parametrize("argv", EXAMPLES, ids=[" ".join(a) for a in EXAMPLES])
 def test_example_composes_and_validates(argv):
     script, args = argv[0], [a for a in argv[1:] if a not in ("-m", "--help")]
-    args = [a.split(",")[0] if "=" in a and "," in a and "[" not in a else a for a in args]  # first job of a sweep
+    args = [
+        a.split(",")[0] if "=" in a and "," in a and "[" not in a else a for a in args
+    ]  # first job of a sweep
     cfg = compose_train(args, config_name="eval" if script == "eval.py" else "train")
     if script == "train.py":
         validate(cfg)

@@ -32,8 +32,11 @@ def test_every_optimizer_and_scheduler_trains(optimizer, scheduler, tmp_path):
     assert metrics["status"] == "completed" and metrics["global_step"] == 6
     assert math.isfinite(metrics["train/loss"]) and 0 <= metrics["val/acc"] <= 1
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert saved["optimizer"]["_target_"].lower().endswith(
-        {"momentum": "sgd", "nesterov": "sgd"}.get(optimizer, optimizer))
+    assert (
+        saved["optimizer"]["_target_"]
+        .lower()
+        .endswith({"momentum": "sgd", "nesterov": "sgd"}.get(optimizer, optimizer))
+    )
 
 
 def test_schedulers_step_at_their_interval(tmp_path):
@@ -41,12 +44,21 @@ def test_schedulers_step_at_their_interval(tmp_path):
     from cifarlab.train import build_datamodule, build_module, build_trainer
 
     lrs = {}
-    for name, extra in [("step", ["scheduler.step_size=1"]), ("exponential", []), ("cosine", []), ("onecycle", [])]:
-        cfg = compose_train(BRIEF + ["optimizer=sgd", "optimizer.lr=0.1", f"scheduler={name}", *extra], tmp_path / name)
+    for name, extra in [
+        ("step", ["scheduler.step_size=1"]),
+        ("exponential", []),
+        ("cosine", []),
+        ("onecycle", []),
+    ]:
+        cfg = compose_train(
+            BRIEF + ["optimizer=sgd", "optimizer.lr=0.1", f"scheduler={name}", *extra], tmp_path / name
+        )
         dm = build_datamodule(cfg)
         module = build_module(cfg, dm.num_classes)
         seen = []
-        module.on_train_batch_start = lambda *a, m=module, s=seen: s.append(m.optimizers().param_groups[0]["lr"])
+        module.on_train_batch_start = lambda *a, m=module, s=seen: s.append(
+            m.optimizers().param_groups[0]["lr"]
+        )
         build_trainer(cfg, tmp_path / name).fit(module, datamodule=dm)
         lrs[name] = seen
     assert lrs["step"] == pytest.approx([0.1] * 3 + [0.01] * 3)
@@ -58,7 +70,9 @@ def test_schedulers_step_at_their_interval(tmp_path):
 @pytest.mark.parametrize("init", INITS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_every_init_and_activation_trains(init, activation, tmp_path):
-    metrics = train(BRIEF + ["trainer.max_epochs=1", f"model.init={init}", f"model.activation={activation}"], tmp_path)
+    metrics = train(
+        BRIEF + ["trainer.max_epochs=1", f"model.init={init}", f"model.activation={activation}"], tmp_path
+    )
     assert metrics["status"] == "completed" and math.isfinite(metrics["train/loss"])
 
 
@@ -97,9 +111,17 @@ def test_nan_divergence_fails_the_run_and_says_so(tmp_path):
 def test_synthetic_is_learned_well_above_chance(tmp_path):
     """Measured: Adam at the defaults reaches ~0.9 val accuracy after 2 epochs; a sigmoid net with
     PyTorch's default init stays at chance (~0.1). Thresholds leave a wide margin both ways."""
-    common = ["data=synthetic", "logger=none", "trainer.max_epochs=2", "test=false", "callbacks.checkpoint=false"]
+    common = [
+        "data=synthetic",
+        "logger=none",
+        "trainer.max_epochs=2",
+        "test=false",
+        "callbacks.checkpoint=false",
+    ]
     good = train(common, tmp_path / "good")
-    broken = train(common + ["model.activation=sigmoid", "model.init=default", "optimizer=sgd"], tmp_path / "broken")
+    broken = train(
+        common + ["model.activation=sigmoid", "model.init=default", "optimizer=sgd"], tmp_path / "broken"
+    )
     assert good["val/acc"] > 0.6, good
     assert broken["val/acc"] < 0.25, broken
 
@@ -113,7 +135,9 @@ def test_train_then_eval_reproduces_the_test_metric(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["name"] == "synthetic" and saved["optimizer"]["_target_"] == "torch.optim.Adam"
-    result = run_script([f"ckpt_path={metrics['best_ckpt']}", f"hydra.run.dir={tmp_path / 'eval'}"], script="eval.py")
+    result = run_script(
+        [f"ckpt_path={metrics['best_ckpt']}", f"hydra.run.dir={tmp_path / 'eval'}"], script="eval.py"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
@@ -137,7 +161,9 @@ def test_multirun_writes_one_metrics_file_per_job(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
     assert jobs == ["0", "1"]
-    targets = {yaml.safe_load((tmp_path / j / "config.yaml").read_text())["optimizer"]["_target_"] for j in jobs}
+    targets = {
+        yaml.safe_load((tmp_path / j / "config.yaml").read_text())["optimizer"]["_target_"] for j in jobs
+    }
     assert targets == {"torch.optim.SGD", "torch.optim.Adam"}
 
 
@@ -147,7 +173,9 @@ def test_ddp_on_cpu_keeps_one_output_folder_per_job(tmp_path):
     ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32"]
     result = run_script(["-m", *TINY, *ddp, "seed=1,2", f"hydra.sweep.dir={tmp_path}"], timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".") and p.name != "multirun.yaml") == ["0", "1"]
+    assert sorted(
+        p.name for p in tmp_path.iterdir() if not p.name.startswith(".") and p.name != "multirun.yaml"
+    ) == ["0", "1"]
     for job in ("0", "1"):
         metrics = json.loads((tmp_path / job / "metrics.json").read_text())
         assert metrics["status"] == "completed"

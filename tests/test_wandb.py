@@ -162,7 +162,9 @@ def test_online_without_network_or_key_logs_offline_within_seconds(
         waited = time.perf_counter() - start
         run.log({"val/acc": 0.5})
         run.finish()
-        assert waited < offline_start + 5, f"{case}: wandb.init took {waited:.1f}s (offline start {offline_start:.1f}s)"
+        assert waited < offline_start + 5, (
+            f"{case}: wandb.init took {waited:.1f}s (offline start {offline_start:.1f}s)"
+        )
         message = capsys.readouterr().err
         assert "logging offline" in message and len(message.strip().splitlines()) == 1, message
         [folder] = find_offline_runs([tmp_path / case])

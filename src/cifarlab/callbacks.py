@@ -55,12 +55,28 @@ def build_callbacks(
     if checkpoint:
         ckpt_dir = output_dir / "checkpoints"
         # The best epoch by val/acc (what the final test uses) ...
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}-acc{val/acc:.4f}",
-                                         auto_insert_metric_name=False, monitor="val/acc", mode="max", save_top_k=1))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="epoch{epoch:03d}-acc{val/acc:.4f}",
+                auto_insert_metric_name=False,
+                monitor="val/acc",
+                mode="max",
+                save_top_k=1,
+            )
+        )
         # ... and last.ckpt after every epoch, to resume from. A separate callback because Lightning >= 2.6
         # writes save_last only in epochs where the monitored checkpoint improved.
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
-                                         every_n_epochs=1, enable_version_counter=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="last",
+                monitor=None,
+                save_top_k=1,
+                every_n_epochs=1,
+                enable_version_counter=False,
+            )
+        )
     if early_stopping_patience > 0:
         callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=early_stopping_patience))
     if progress_bar is None:

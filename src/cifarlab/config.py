@@ -54,7 +54,9 @@ class TrainerConf:
     devices: Any = "auto"  # number of devices, a list of ids, or auto
     strategy: str = "auto"  # auto | ddp | ...
     num_nodes: int = 1
-    precision: Any = "auto"  # auto (bf16-mixed where the hardware has bf16, else 32) | 32 | bf16-mixed | 16-mixed
+    precision: Any = (
+        "auto"  # auto (bf16-mixed where the hardware has bf16, else 32) | 32 | bf16-mixed | 16-mixed
+    )
     max_epochs: int = 20
     limit_train_batches: Any = 1.0  # a fraction of the epoch or a number of batches
     limit_val_batches: Any = 1.0
@@ -118,7 +120,16 @@ class EvalConf(TrainConf):
 
 # Handled elsewhere, so not config keys: params (the model's), weight_decay (model.weight_decay through
 # parameter groups), and implementation switches that would only confuse a search space.
-_NOT_CONFIG = {"self", "params", "weight_decay", "foreach", "fused", "capturable", "differentiable", "maximize"}
+_NOT_CONFIG = {
+    "self",
+    "params",
+    "weight_decay",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "maximize",
+}
 
 TORCH_OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     # name: (class, defaults that differ from the class's own)
@@ -148,8 +159,10 @@ def optimizer_schema(cls: type, overrides: dict[str, Any] | None = None, name: O
     """A dataclass whose fields are ``cls``'s constructor arguments (with defaults), plus ``_target_``."""
     overrides = overrides or {}
     module = "torch.optim" if cls.__module__.startswith("torch.optim.") else cls.__module__
-    fields: list[tuple] = [("_target_", str, field(default=f"{module}.{cls.__qualname__}")),
-                           ("_partial_", bool, field(default=True))]
+    fields: list[tuple] = [
+        ("_target_", str, field(default=f"{module}.{cls.__qualname__}")),
+        ("_partial_", bool, field(default=True)),
+    ]
     for param in inspect.signature(cls.__init__).parameters.values():
         if param.name in _NOT_CONFIG or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
@@ -218,8 +231,13 @@ class PlateauConf:
     min_lr: float = 0.0
 
 
-SCHEDULERS = {"step": StepLRConf, "exponential": ExponentialLRConf, "cosine": CosineConf,
-              "onecycle": OneCycleConf, "plateau": PlateauConf}
+SCHEDULERS = {
+    "step": StepLRConf,
+    "exponential": ExponentialLRConf,
+    "cosine": CosineConf,
+    "onecycle": OneCycleConf,
+    "plateau": PlateauConf,
+}
 
 
 def register_configs() -> None:
@@ -239,7 +257,11 @@ def register_configs() -> None:
     except ImportError:  # the course optimizers are optional for the core
         COURSE_OPTIMIZERS = {}
     for name, cls in COURSE_OPTIMIZERS.items():
-        cs.store(group="schema/optimizer/course", name=name, node=optimizer_schema(cls, None, f"course_{name}_conf"))
+        cs.store(
+            group="schema/optimizer/course",
+            name=name,
+            node=optimizer_schema(cls, None, f"course_{name}_conf"),
+        )
     for name, node in SCHEDULERS.items():
         cs.store(group="schema/scheduler", name=name, node=node)
 
@@ -262,38 +284,85 @@ def validate(cfg: DictConfig) -> None:
     _check(_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "0 <= dropout < 1")
     _check(m.init in INITS, "model.init", m.init, ", ".join(INITS))
     _check(m.activation in ACTIVATIONS, "model.activation", m.activation, ", ".join(ACTIVATIONS))
-    _check(_number(m.weight_decay) and m.weight_decay >= 0, "model.weight_decay", m.weight_decay, "weight_decay >= 0")
+    _check(
+        _number(m.weight_decay) and m.weight_decay >= 0,
+        "model.weight_decay",
+        m.weight_decay,
+        "weight_decay >= 0",
+    )
     lr = cfg.optimizer.get("lr") if cfg.get("optimizer") is not None else None
     _check(lr is not None and _number(lr) and lr > 0, "optimizer.lr", lr, "lr > 0")
     for key in ("betas",):
         if key in cfg.optimizer:
             betas = list(cfg.optimizer[key])
-            _check(len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas), f"optimizer.{key}", betas,
-                   "two numbers in [0, 1)")
+            _check(
+                len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
+                f"optimizer.{key}",
+                betas,
+                "two numbers in [0, 1)",
+            )
     if "momentum" in cfg.optimizer:
         mom = cfg.optimizer.momentum
         _check(_number(mom) and 0 <= mom < 1, "optimizer.momentum", mom, "0 <= momentum < 1")
-    _check(d.name in ("cifar10", "cifar100", "synthetic", "imagefolder"), "data.name", d.name,
-           "cifar10, cifar100, synthetic, imagefolder")
+    _check(
+        d.name in ("cifar10", "cifar100", "synthetic", "imagefolder"),
+        "data.name",
+        d.name,
+        "cifar10, cifar100, synthetic, imagefolder",
+    )
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "batch_size >= 1")
     _check(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "eval_batch_size >= 1")
     _check(d.val_size >= 1, "data.val_size", d.val_size, "val_size >= 1")
     if d.name == "synthetic":
-        _check(d.train_size > d.val_size, "data.train_size", d.train_size, f"train_size > data.val_size ({d.val_size})")
-        _check(d.num_classes is None or d.num_classes >= 2, "data.num_classes", d.num_classes, "num_classes >= 2")
+        _check(
+            d.train_size > d.val_size,
+            "data.train_size",
+            d.train_size,
+            f"train_size > data.val_size ({d.val_size})",
+        )
+        _check(
+            d.num_classes is None or d.num_classes >= 2, "data.num_classes", d.num_classes, "num_classes >= 2"
+        )
     if d.name == "imagefolder":
-        _check(d.root is not None, "data.root", d.root, "a folder of class sub-folders (data.root=/path/to/train)")
+        _check(
+            d.root is not None,
+            "data.root",
+            d.root,
+            "a folder of class sub-folders (data.root=/path/to/train)",
+        )
     _check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "max_epochs >= 1")
-    _check(str(t.precision) in ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true", "16"),
-           "trainer.precision", t.precision, "auto, 32, bf16-mixed, 16-mixed, bf16-true, 64")
+    _check(
+        str(t.precision)
+        in ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true", "16"),
+        "trainer.precision",
+        t.precision,
+        "auto, 32, bf16-mixed, 16-mixed, bf16-true, 64",
+    )
     _check(cfg.logger.name in ("wandb", "csv", "none"), "logger.name", cfg.logger.name, "wandb, csv, none")
-    _check(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
-           "offline, online, disabled")
+    _check(
+        cfg.logger.mode in ("offline", "online", "disabled"),
+        "logger.mode",
+        cfg.logger.mode,
+        "offline, online, disabled",
+    )
     if cfg.get("scheduler") is not None:
         s = cfg.scheduler
         if "gamma" in s:
             _check(_number(s.gamma) and 0 < s.gamma <= 1, "scheduler.gamma", s.gamma, "0 < gamma <= 1")
         if "step_size" in s:
             _check(s.step_size >= 1, "scheduler.step_size", s.step_size, "step_size >= 1 (epochs)")
-    allowed_metrics = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "train/acc")
-    _check(cfg.optimized_metric in allowed_metrics, "optimized_metric", cfg.optimized_metric, ", ".join(allowed_metrics))
+    allowed_metrics = (
+        "val/acc_best",
+        "val/acc",
+        "val/loss",
+        "test/acc",
+        "test/loss",
+        "train/loss",
+        "train/acc",
+    )
+    _check(
+        cfg.optimized_metric in allowed_metrics,
+        "optimized_metric",
+        cfg.optimized_metric,
+        ", ".join(allowed_metrics),
+    )

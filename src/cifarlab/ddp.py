@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 
 def _job_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
-    import __main__
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
 
     hydra_cfg = HydraConfig.get()
     if __main__.__spec__ is None:

@@ -19,7 +19,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path={str(path)!r} is not allowed; allowed: an existing checkpoint file")
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "cifarlab_config" not in checkpoint:
-        raise ConfigError(f"ckpt_path={str(path)!r} is not allowed; allowed: a checkpoint written by cifarlab")
+        raise ConfigError(
+            f"ckpt_path={str(path)!r} is not allowed; allowed: a checkpoint written by cifarlab"
+        )
     run_cfg = OmegaConf.create(checkpoint["cifarlab_config"])
     # The checkpoint decides what the model and data are; this command decides where and how to run.
     run_cfg.trainer = cfg.trainer

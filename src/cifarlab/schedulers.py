@@ -12,9 +12,14 @@ from typing import Any
 from torch.optim import Optimizer, lr_scheduler
 
 
-def step(optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, step_size: int = 10, gamma: float = 0.1):
+def step(
+    optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, step_size: int = 10, gamma: float = 0.1
+):
     """lr ← gamma·lr every ``step_size`` epochs."""
-    return {"scheduler": lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma), "interval": "epoch"}
+    return {
+        "scheduler": lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma),
+        "interval": "epoch",
+    }
 
 
 def exponential(optimizer: Optimizer, steps_per_epoch: int, max_epochs: int, gamma: float = 0.99):
@@ -36,7 +41,9 @@ def cosine(
     cosine_part = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=min_lr)
     if warmup <= 0:
         return {"scheduler": cosine_part, "interval": "step"}
-    ramp = lr_scheduler.LinearLR(optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup)
+    ramp = lr_scheduler.LinearLR(
+        optimizer, start_factor=warmup_start_factor, end_factor=1.0, total_iters=warmup
+    )
     schedule = lr_scheduler.SequentialLR(optimizer, [ramp, cosine_part], milestones=[warmup])
     return {"scheduler": schedule, "interval": "step"}
 
@@ -62,7 +69,9 @@ def onecycle(
         final_div_factor=final_div_factor,
         anneal_strategy=anneal_strategy,
         # cycle_momentum needs a momentum or betas hyperparameter; SGD without momentum has neither to cycle.
-        cycle_momentum=any(("momentum" in g and g["momentum"] > 0) or "betas" in g for g in optimizer.param_groups),
+        cycle_momentum=any(
+            ("momentum" in g and g["momentum"] > 0) or "betas" in g for g in optimizer.param_groups
+        ),
     )
     return {"scheduler": schedule, "interval": "step"}
 
@@ -83,5 +92,3 @@ def plateau(
         optimizer, mode=mode, factor=factor, patience=patience, threshold=threshold, min_lr=min_lr
     )
     return {"scheduler": schedule, "interval": "epoch", "monitor": monitor, "strict": True}
-
-

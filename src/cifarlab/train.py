@@ -23,10 +23,13 @@ def resolve_precision(precision: Any, accelerator: str) -> str:
     wants_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if wants_gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    if accelerator in ("auto", "cpu") and torch.backends.mkldnn.is_available():
-        # oneDNN runs bf16 convolutions natively on CPUs with AVX512-BF16 or AMX.
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return "bf16-mixed"
+    # oneDNN runs bf16 convolutions natively on CPUs with AVX512-BF16 or AMX.
+    if (
+        accelerator in ("auto", "cpu")
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return "bf16-mixed"
     return "32-true"
 
 
@@ -72,7 +75,9 @@ def build_module(cfg: DictConfig, num_classes: int, config: dict[str, Any] | Non
     from cifarlab.module import CifarModule
 
     m = cfg.model
-    net = CifarCNN(num_classes, dropout=m.dropout, activation=m.activation, init=m.init, image_size=cfg.data.image_size)
+    net = CifarCNN(
+        num_classes, dropout=m.dropout, activation=m.activation, init=m.init, image_size=cfg.data.image_size
+    )
     if cfg.trainer.channels_last:
         net = net.to(memory_format=torch.channels_last)
     return CifarModule(
@@ -147,7 +152,11 @@ def quiet_lightning() -> None:
 
 
 def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if k.split("/")[0] in ("train", "val", "test") and "_step" not in k}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if k.split("/")[0] in ("train", "val", "test") and "_step" not in k
+    }
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -179,9 +188,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, datamodule.num_classes, config)
     run_name = cfg.run_name or default_run_name(cfg)
     lg = cfg.logger
-    logger = build_logger(lg.name, output_dir, run_name, config, project=lg.project, mode=lg.mode,
-                          entity=lg.entity, group=lg.group, tags=list(lg.tags), log_model=lg.log_model,
-                          job_type=lg.job_type, init_timeout=lg.init_timeout)
+    logger = build_logger(
+        lg.name,
+        output_dir,
+        run_name,
+        config,
+        project=lg.project,
+        mode=lg.mode,
+        entity=lg.entity,
+        group=lg.group,
+        tags=list(lg.tags),
+        log_model=lg.log_model,
+        job_type=lg.job_type,
+        init_timeout=lg.init_timeout,
+    )
     from cifarlab.diagnostics import run_callbacks
 
     sweep_callbacks = []  # a trial of the Optuna sweeper (cifarlab.sweeper): reports val/acc, may be pruned
@@ -189,8 +209,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         from cifarlab.sweeper.trial import trial_callbacks
 
         sweep_callbacks = trial_callbacks()
-    trainer = build_trainer(cfg, output_dir, logger,
-                            extra_callbacks=[*run_callbacks(cfg, output_dir, logger), *sweep_callbacks])
+    trainer = build_trainer(
+        cfg, output_dir, logger, extra_callbacks=[*run_callbacks(cfg, output_dir, logger), *sweep_callbacks]
+    )
 
     start = time.perf_counter()
     metrics: dict[str, Any] = {"status": "running", "run_name": run_name, "output_dir": str(output_dir)}
@@ -211,8 +232,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics["error"] = f"{type(err).__name__}: {err}"
         raise
     finally:
-        metrics.update(epochs=trainer.current_epoch, global_step=trainer.global_step,
-                       duration_s=round(time.perf_counter() - start, 3), precision=str(trainer.precision))
+        metrics.update(
+            epochs=trainer.current_epoch,
+            global_step=trainer.global_step,
+            duration_s=round(time.perf_counter() - start, 3),
+            precision=str(trainer.precision),
+        )
         if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", metrics)
         finish_logger(logger, failed, metrics)
@@ -224,6 +249,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def print_summary(metrics: dict[str, Any]) -> None:
     keys = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss", "train/loss")
     shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
-    print(f"\n{metrics['run_name']}: {metrics['epochs']} epochs, {metrics['global_step']} steps, "
-          f"{metrics['duration_s']:.1f}s ({metrics['precision']})\n  {shown}\n  results: {metrics['output_dir']}/metrics.json",
-          file=sys.stdout, flush=True)
+    print(
+        f"\n{metrics['run_name']}: {metrics['epochs']} epochs, {metrics['global_step']} steps, "
+        f"{metrics['duration_s']:.1f}s ({metrics['precision']})\n  {shown}\n  results: {metrics['output_dir']}/metrics.json",
+        file=sys.stdout,
+        flush=True,
+    )

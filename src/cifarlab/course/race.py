@@ -29,7 +29,9 @@ def best_per_optimizer(trials_csv: Path) -> dict[str, dict]:
     with open(trials_csv, newline="") as f:
         for row in csv.DictReader(f):
             name = row.get("params:optimizer") or "?"
-            entry = table.setdefault(name, {"best": -math.inf, "lr": None, "complete": 0, "pruned": 0, "failed": 0})
+            entry = table.setdefault(
+                name, {"best": -math.inf, "lr": None, "complete": 0, "pruned": 0, "failed": 0}
+            )
             state = row["state"].lower()
             if state in ("complete", "pruned", "fail"):
                 entry[{"fail": "failed"}.get(state, state)] += 1
@@ -48,11 +50,15 @@ def format_race(table: dict[str, dict]) -> str:
         lr = f"{float(e['lr']):.2g}" if e["lr"] else "?"
         return f"{name:<28}{e['best']:>8.4f}{lr:>10}"
 
-    lines = [f"{'course optimizer':<28}{'val/acc':>8}{'best lr':>10}   {'torch.optim twin':<28}{'val/acc':>8}{'best lr':>10}"]
+    lines = [
+        f"{'course optimizer':<28}{'val/acc':>8}{'best lr':>10}   {'torch.optim twin':<28}{'val/acc':>8}{'best lr':>10}"
+    ]
     for course, twin in TWINS.items():
         lines.append(f"{cell(course)}   {cell(twin)}")
     counts = {k: sum(e[k] for e in table.values()) for k in ("complete", "pruned", "failed")}
-    lines.append(f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed")
+    lines.append(
+        f"trials: {counts['complete']} complete, {counts['pruned']} pruned, {counts['failed']} failed"
+    )
     return "\n".join(lines)
 
 
