@@ -121,15 +121,12 @@ def machine() -> dict[str, Any]:
 
 
 def cifar10_present(data_dir: str | None = None) -> bool:
-    from cifarlab.data import CIFAR
-
+    """CIFAR-10's python batches (or its archive) in data/ or $CIFARLAB_DATA_DIR; checked without importing
+    cifarlab.data (and so torch and Lightning), the names being those of cifarlab.data.CIFAR."""
     root = Path(data_dir or os.environ.get("CIFARLAB_DATA_DIR", ROOT / "data"))
-    spec = CIFAR["cifar10"]
-    folder = root / spec["folder"]
-    return (
-        all((folder / f).is_file() for f in spec["train"] + spec["test"])
-        or (root / spec["archive"]).is_file()
-    )
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    return all((folder / f).is_file() for f in names) or (root / "cifar-10-python.tar.gz").is_file()
 
 
 def train_overrides(
@@ -470,6 +467,14 @@ def worker_main() -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # whatever the jobs print (Lightning, run summaries) goes to the log, not the protocol
     sys.stdout = sys.stderr
+    # The heavy imports now, while the other workers import theirs, rather than one after the other at
+    # their first jobs.
+    import torchvision.transforms  # noqa: F401 - the reference loop's ToTensor
+
+    import cifarlab.data  # noqa: F401 - torch, Lightning
+    import cifarlab.module  # noqa: F401 - torchmetrics
+    import cifarlab.train  # noqa: F401 - hydra
+
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -571,12 +576,9 @@ def _paired(runs: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
     return round(statistics.median(x["img_per_s"] / y["img_per_s"] for x, y in pairs), 3)
 
 
-def side_by_side(args, overrides: list[str], tmp: Path, log) -> dict[str, dict[str, Any]]:
+def side_by_side(args, workers: dict[str, Worker], overrides: list[str], tmp: Path, log) -> dict[str, Any]:
     """(a), (b), (c): warm up each worker, then interleave the timed epochs."""
-    kinds = [k for k in KINDS if k not in args.skip]
-    workers = {
-        k: Worker(k, tmp) for k in kinds
-    }  # started together: their imports overlap, nothing is timed yet
+    kinds = list(workers)
     base = {
         "overrides": overrides,
         "images": args.images,
@@ -913,49 +915,57 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker_main()
-    import torch
 
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    cuda = torch.cuda.is_available()
-    args.trials = [int(k) for k in args.trials.split(",")] if args.trials else ([1, 2, 4] if cuda else [])
-    run_seed_baseline = cuda if args.seed_baseline is None else args.seed_baseline
     data = args.data if args.data != "auto" else ("cifar10" if cifar10_present() else "synthetic")
     overrides = train_overrides(
         args.images, data, args.batch_size, args.precision, args.compile, args.seed, args.set
     )
     started = time.time()
-    results: dict[str, Any] = {
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "settings": {
-            "images": args.images,
-            "repeats": args.repeats,
-            "data": data,
-            "warmup_steps": args.warmup_steps,
-            "reference": {
-                "batch_size": REF_BATCH,
-                "lr": REF_LR,
-                "weight_decay": REF_WEIGHT_DECAY,
-                "num_workers": args.ref_workers,
-                "precision": "32-true",
-                "layout": "NCHW",
-            },
-            "train_overrides": overrides,
-            "timed": "one training epoch: first batch request to the end of the last optimizer step (device "
-            "synchronised); warm workers; no validation, imports, data generation or start-up",
-        },
-    }
-    log(
-        f"cifarlab bench: {results['machine']['cpu']} ({results['machine']['cores']} cores), torch "
-        f"{results['machine']['torch']}, {'GPU ' + ', '.join(results['machine']['gpus']) if cuda else 'no GPU'}; "
-        f"{data} data, {args.images:,} images per epoch"
-    )
     with tempfile.TemporaryDirectory(prefix="cifarlab-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        # The workers start first: they import torch & co. while this process does the same.
+        workers = {k: Worker(k, tmp) for k in KINDS if k not in args.skip}
+        try:
+            import torch
+        except BaseException:
+            for w in workers.values():
+                w.close()
+            raise
+
+        cuda = torch.cuda.is_available()
+        args.trials = [int(k) for k in args.trials.split(",")] if args.trials else ([1, 2, 4] if cuda else [])
+        run_seed_baseline = cuda if args.seed_baseline is None else args.seed_baseline
+        results: dict[str, Any] = {
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine(),
+            "settings": {
+                "images": args.images,
+                "repeats": args.repeats,
+                "data": data,
+                "warmup_steps": args.warmup_steps,
+                "reference": {
+                    "batch_size": REF_BATCH,
+                    "lr": REF_LR,
+                    "weight_decay": REF_WEIGHT_DECAY,
+                    "num_workers": args.ref_workers,
+                    "precision": "32-true",
+                    "layout": "NCHW",
+                },
+                "train_overrides": overrides,
+                "timed": "one training epoch: first batch request to the end of the last optimizer step "
+                "(device synchronised); warm workers; no validation, imports, data generation or start-up",
+            },
+        }
+        m = results["machine"]
+        log(
+            f"cifarlab bench: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
+            f"{'GPU ' + ', '.join(m['gpus']) if cuda else 'no GPU'}; {data} data, {args.images:,} images per epoch"
+        )
         log("side by side (a) course loop, (b) plain loop on cifarlab's pipeline, (c) train.py:")
-        runs = side_by_side(args, overrides, tmp, log)
+        runs = side_by_side(args, workers, overrides, tmp, log)
         results["runs"] = runs
         img = {k: v["img_per_s"] for k, v in runs.items()}
         results["ratios"] = {
