@@ -18,7 +18,7 @@ from conftest import ROOT, compose_train
 from torch import nn
 
 from cifarlab import bench
-from cifarlab.data import DeviceBatches, crop_flip, make_synthetic
+from cifarlab.data import DeviceBatches, channel_stats, crop_flip, make_synthetic
 from cifarlab.model import CifarCNN, parameter_groups
 from cifarlab.module import build_optimizer
 from cifarlab.train import resolve_precision
@@ -70,6 +70,14 @@ def test_normalisation_is_fused_and_exact():
     (xb, yb), *_ = DeviceBatches(x, y, 50, mean=mean, std=std)
     expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(xb, expected, atol=1e-5) and torch.equal(yb, y)
+
+
+def test_channel_stats_from_histograms_are_exact():
+    x, _ = make_synthetic(200, seed=4)
+    mean, std = channel_stats(x)
+    ref = x.double() / 255
+    assert mean == pytest.approx(ref.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
+    assert std == pytest.approx(ref.std(dim=(0, 2, 3), unbiased=False).tolist(), abs=1e-12)
 
 
 # ---- precision, optimizer implementation, model block order ------------------------------------------------
