@@ -72,6 +72,27 @@ def test_normalisation_is_fused_and_exact():
     assert torch.allclose(xb, expected, atol=1e-5) and torch.equal(yb, y)
 
 
+def test_synthetic_data_is_the_whole_tensor_formula_byte_for_byte():
+    """make_synthetic works in place and in chunks; the bytes are those of the formula on whole tensors."""
+    n, classes, seed, size = 5000, 10, 3, 32
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(classes, 3, 4, 4, generator=g)
+    templates = F.interpolate(coarse, size=(size + 8, size + 8), mode="bicubic", align_corners=False)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    shifts = torch.randint(0, 81, (n,), generator=g)
+    crops = torch.stack(
+        [
+            templates[i, :, s // 9 : s // 9 + size, s % 9 : s % 9 + size]
+            for i, s in zip(labels.tolist(), shifts.tolist(), strict=True)
+        ]
+    )
+    contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
+    noise = torch.randn(n, 3, size, size, generator=g) * 0.5
+    expected = ((0.5 + 0.3 * contrast * (crops - 0.5) + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    images, got_labels = make_synthetic(n, classes, seed=seed, image_size=size)
+    assert torch.equal(got_labels, labels) and torch.equal(images, expected)
+
+
 def test_channel_stats_from_histograms_are_exact():
     x, _ = make_synthetic(200, seed=4)
     mean, std = channel_stats(x)

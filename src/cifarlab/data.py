@@ -162,12 +162,20 @@ def make_synthetic(num_images: int, num_classes: int = 10, seed: int = 0, image_
         [templates[:, :, dy : dy + image_size, dx : dx + image_size] for dy in range(9) for dx in range(9)],
         dim=1,
     ).reshape(num_classes * 81, 3, image_size, image_size)
-    crops = bank[labels * 81 + shifts]  # (N, 3, H, W)
+    rows = labels * 81 + shifts  # image i is bank[rows[i]]
     contrast = 0.5 + torch.rand(num_images, 1, 1, 1, generator=g)  # signal 0.3 vs noise 0.5: hard enough that
     # settings matter (≈70% after 60 Adam steps, ≈97% after 200; a sigmoid net with default init stays ≈10%)
-    noise = torch.randn(num_images, 3, image_size, image_size, generator=g) * 0.5
-    images = 0.5 + 0.3 * contrast * (crops - 0.5) + noise
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+    noise = torch.randn(num_images, 3, image_size, image_size, generator=g).mul_(0.5)
+    gain = 0.3 * contrast
+    # images = 0.5 + 0.3·contrast·(crop - 0.5) + noise, rounded to uint8: the same operations in the same
+    # order (so the same bytes) as on whole tensors, but in place, chunk by chunk: no full-size temporaries
+    # to allocate and fault in (12,000 images in ~0.5 s instead of ~1 s on 2 cores, at every start-up).
+    images = torch.empty(num_images, 3, image_size, image_size, dtype=torch.uint8)
+    for start in range(0, num_images, 4096):
+        end = min(start + 4096, num_images)
+        chunk = bank.index_select(0, rows[start:end]).sub_(0.5).mul_(gain[start:end]).add_(0.5)
+        images[start:end] = chunk.add_(noise[start:end]).clamp_(0, 1).mul_(255).round_()
+    return images, labels
 
 
 def load_imagefolder(root: Path, image_size: int = 32):
