@@ -21,8 +21,8 @@ last optimizer step (the device synchronised), i.e. data loading, augmentation, 
 optimizer steps, and in (c) everything Lightning does per step. Not timed: imports, data generation, model
 and trainer construction, validation (off in the timed runs), process start-up; those are measured apart
 (``startup``: ``python train.py --help`` and a two-step ``python train.py`` run, wall clock). Every worker
-first runs a short untimed warm-up epoch. Repetitions are interleaved (a, b, c, a, b, c, ...) and medians
-reported, so that machine noise hits all variants alike.
+first runs a short untimed warm-up epoch. Repetitions are interleaved (a b c, b c a, c a b, ...) and medians
+reported, so that machine noise and order effects hit all variants alike.
 
 Results: a table on stdout and JSON in ``bench/results/<host>-<date>.json`` (or ``--out``).
 """
@@ -592,7 +592,8 @@ def side_by_side(args, workers: dict[str, Worker], overrides: list[str], tmp: Pa
             log(f"  warm-up {k} ...")
             workers[k].run({**base, "kind": k, "limit_steps": 4, "output_dir": str(tmp / f"{k}-warmup")})
         for rep in range(args.repeats):
-            for k in kinds:
+            # a b c, b c a, c a b, ...: every variant also runs first, second and last (after the long (a))
+            for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:
                 result = workers[k].run({**base, "kind": k, "output_dir": str(tmp / f"{k}-{rep}")})
                 runs[k].append(result)
                 log(
