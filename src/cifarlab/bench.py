@@ -1,6 +1,6 @@
 """``make bench``: one CIFAR training epoch, side by side, on the same data, in one process tree.
 
-    python -m cifarlab.bench [--images 10000] [--repeats 3] [--batch-size B] [--out FILE] ...
+    python -m cifarlab.bench [--images 10000] [--repeats 5] [--batch-size B] [--out FILE] ...  (--help)
 
 Variants (each in its own warm worker process, a child of this one; only one runs at a time):
 
@@ -159,10 +159,8 @@ def train_overrides(
         ov.append("trainer.compile=true")
     if data == "synthetic":
         ov += [f"data.train_size={images + 500}", "data.val_size=500", "data.test_size=100"]
-    else:
-        ov += [
-            "data.download=false"
-        ]  # the bench never downloads; the epoch is cut by limit_train_batches below
+    else:  # the bench never downloads; run_train cuts the epoch with limit_train_batches
+        ov.append("data.download=false")
     return ov + list(extra or [])
 
 
@@ -272,6 +270,19 @@ class _Clock:
         }
 
 
+def course_cnn():
+    """The course's network as the course wrote it: conv → ReLU → max-pool blocks (cifarlab's CifarCNN pools
+    before an in-place activation, the same function with less work), with CifarCNN's init."""
+    from torch import nn
+
+    from cifarlab.model import CifarCNN
+
+    net = CifarCNN(10)
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    net.features = nn.Sequential(*[layer for c in convs for layer in (c, nn.ReLU(), nn.MaxPool2d(2))])
+    return net
+
+
 def run_reference(job: dict[str, Any]) -> dict[str, Any]:
     """(a) The course's loop: per-sample PIL + ToTensor through a DataLoader, fp32, NCHW, batch 64."""
     import numpy as np
@@ -280,8 +291,6 @@ def run_reference(job: dict[str, Any]) -> dict[str, Any]:
     from PIL import Image
     from torch.utils.data import DataLoader, Dataset
     from torchvision import transforms
-
-    from cifarlab.model import CifarCNN
 
     cfg = compose(job["overrides"])
     x, y, _, _ = _datamodule(cfg)
@@ -311,7 +320,7 @@ def run_reference(job: dict[str, Any]) -> dict[str, Any]:
         shuffle=True,
         num_workers=job["ref_workers"],
     )
-    net = CifarCNN(10).to(device)
+    net = course_cnn().to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=REF_LR, weight_decay=REF_WEIGHT_DECAY)
     net.train()
     clock = _Clock(device, job["warmup_steps"])
@@ -371,6 +380,7 @@ def run_plain(job: dict[str, Any]) -> dict[str, Any]:
         channels_last=channels_last,
     )
     torch.manual_seed(job["seed"])
+    torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)  # as Lightning sets it for (c)
     m = cfg.model
     net = CifarCNN(10, dropout=m.dropout, activation=m.activation, init=m.init).to(device)
     if channels_last:
@@ -411,7 +421,7 @@ def run_train(job: dict[str, Any]) -> dict[str, Any]:
     cfg = compose(job["overrides"] + [f"output_dir={job['output_dir']}"])
     if cfg.data.name != "synthetic" or job.get("limit_steps") is not None:
         steps = job.get("limit_steps") or math.ceil(job["images"] / cfg.data.batch_size)
-        cfg.trainer.limit_train_batches = int(steps)
+        cfg.trainer.limit_train_batches = max(2, int(steps))  # train.py reads 1 like 1.0: the whole epoch
     device = device_for(cfg.trainer.accelerator)
     barrier = job.get("barrier")
 
