@@ -14,7 +14,7 @@ help:  ## list the targets
 
 .venv/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode  # .pyc up front: every process starts faster
 	@touch $@
 
 install: .venv/.synced  ## create .venv from uv.lock (installs uv with pip if missing)

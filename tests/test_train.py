@@ -183,3 +183,9 @@ def test_ddp_on_cpu_keeps_one_output_folder_per_job(tmp_path):
         assert metrics["global_step"] == 3
         assert (tmp_path / job / ".hydra" / "config.yaml").exists()
     assert not list(Path(tmp_path).glob("**/multirun/*")), "a rank started a multirun of its own"
+
+
+def test_limit_of_one_batch_means_one_batch(tmp_path):
+    """trainer.limit_train_batches=1 is one batch (an int), not 100% of the epoch."""
+    metrics = train([*BRIEF, "trainer.max_epochs=1", "trainer.limit_train_batches=1"], tmp_path)
+    assert metrics["global_step"] == 1

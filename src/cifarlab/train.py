@@ -134,7 +134,8 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger=None, extra_callback
 
 
 def _limit(value: Any) -> Any:
-    return None if value == 1.0 else value  # None: all batches, without Lightning's "100% of batches" notice
+    # None: all batches, without Lightning's "100% of batches" notice. An int 1 means one batch, not 100%.
+    return None if isinstance(value, float) and value == 1.0 else value  # None: all batches, without Lightning's "100% of batches" notice
 
 
 def quiet_lightning() -> None:
