@@ -278,18 +278,23 @@ def test_ctrl_c_stops_running_trials_and_queues_them_again(tmp_path):
     assert "re-run the same command to resume" in out and (sweep / "trials.csv").exists()
 
 
-def test_two_sweep_processes_share_one_study_and_budget(tmp_path):
-    conf = _conf(tmp_path, "sleepy", SLEEPY)
-    sweep = tmp_path / "sweep"
-    cmd = _cmd(conf, "sleepy", sweep, SLEEP_TASK, "hydra.sweeper.n_jobs=1", "hydra.sweeper.params.sleep=1.5")
+def _run_sweeps_side_by_side(cmd: list[str], tmp_path, count: int) -> None:
+    """Start ``count`` identical sweep processes at once and wait for all; each must succeed."""
     procs = [
         subprocess.Popen(
             cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        for _ in range(2)
+        for _ in range(count)
     ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [p.returncode for p in procs] == [0] * count, outs
+
+
+def test_two_sweep_processes_share_one_study_and_budget(tmp_path):
+    conf = _conf(tmp_path, "sleepy", SLEEPY)
+    sweep = tmp_path / "sweep"
+    cmd = _cmd(conf, "sleepy", sweep, SLEEP_TASK, "hydra.sweeper.n_jobs=1", "hydra.sweeper.params.sleep=1.5")
+    _run_sweeps_side_by_side(cmd, tmp_path, 2)
     trials = _trials(f"journal:{sweep}/journal.log", "sleepy")
     finished = _finished(trials)
     assert len(finished) == 6 and all(t.state == TrialState.COMPLETE for t in finished)
@@ -441,14 +446,7 @@ def test_postgres_study_shared_by_several_sweep_processes(tmp_path, postgres_url
         "hydra.sweeper.params.sleep=1.5",
         "hydra.sweeper.study_name=pg",
     )
-    procs = [
-        subprocess.Popen(
-            cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    _run_sweeps_side_by_side(cmd, tmp_path, 2)
     trials = _trials(postgres_url, "pg")
     finished = _finished(trials)
     assert len(finished) == 5 and all(t.state == TrialState.COMPLETE for t in finished)

@@ -210,7 +210,8 @@ def init_wandb_run(
 # ---- the training run's logger -------------------------------------------------------------------------
 
 
-def _rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """The process of a (possibly DDP) run that writes files and logs: local rank 0 on node 0."""
     return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
@@ -245,7 +246,7 @@ def build_logger(
     if os.environ.get(ENV_TRIAL_NUMBER) is not None:  # started by cifarlab.sweeper for an Optuna trial
         job_type = "sweep-trial" if job_type == "train" else job_type
         tags.append(f"trial:{os.environ[ENV_TRIAL_NUMBER]}")
-    if not _rank_zero():  # other DDP ranks: a logger Lightning never starts (it logs from rank zero only)
+    if not is_rank_zero():  # other DDP ranks: a logger Lightning never starts (it logs from rank zero only)
         return WandbLogger(project=project, name=run_name, save_dir=str(output_dir), offline=True)
     run = init_wandb_run(
         name=run_name,

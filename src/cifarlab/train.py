@@ -135,7 +135,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger=None, extra_callback
 
 def _limit(value: Any) -> Any:
     # None: all batches, without Lightning's "100% of batches" notice. An int 1 means one batch, not 100%.
-    return None if isinstance(value, float) and value == 1.0 else value  # None: all batches, without Lightning's "100% of batches" notice
+    return None if isinstance(value, float) and value == 1.0 else value
 
 
 def quiet_lightning() -> None:
@@ -174,15 +174,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not allowed; allowed: an existing checkpoint file")
     import lightning as L
 
-    from cifarlab.loggers import build_logger, finish_logger
+    from cifarlab.loggers import build_logger, finish_logger, is_rank_zero
 
     quiet_lightning()
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    rank_zero = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-    if rank_zero:
+    if is_rank_zero():
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
 
     datamodule = build_datamodule(cfg)
