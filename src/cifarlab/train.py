@@ -228,7 +228,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         failed = False
         metrics["status"] = "pruned" if pruned else "completed"
     except BaseException as err:
-        metrics["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        from cifarlab.sweeper.trial import is_interruption  # Ctrl-C or SIGTERM: not the run's own failure
+
+        metrics["status"] = "interrupted" if is_interruption(err) else "failed"
         metrics["error"] = f"{type(err).__name__}: {err}"
         raise
     finally:

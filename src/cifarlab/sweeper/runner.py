@@ -43,6 +43,7 @@ from cifarlab.sweeper.study import (
     OVERRIDES,
     OWNER,
     SLOT,
+    Dedupe,
     Owner,
     budget_used,
     fail_trial,
@@ -53,6 +54,7 @@ from cifarlab.sweeper.study import (
     rank_in_budget,
     recover_stale,
     redact,
+    resume_seed,
 )
 
 log = logging.getLogger("cifarlab.sweeper")
@@ -277,10 +279,12 @@ class Sweep:
         from cifarlab.sweeper.results import Console
 
         self.out = Console(self.sweep_dir / "sweep.log", quiet=settings.quiet)
+        seed = (settings.sampler or {}).get("seed")
+        self.dedupe = Dedupe(None if self._custom else self.space, self.out.say, seed)
 
     # -- set-up ------------------------------------------------------------------------------------------
 
-    def _sampler(self, others_alive: bool) -> Any:
+    def _sampler(self, others_alive: bool, n_existing: int = 0) -> Any:
         cfg = dict(self.s.sampler or {"_target_": "optuna.samplers.TPESampler"})
         target = str(cfg.get("_target_", ""))
         if target.endswith("GridSampler"):
@@ -295,6 +299,8 @@ class Sweep:
                 import cmaes  # noqa: F401
             except ImportError:
                 raise SweepError("the cmaes sampler needs the `cmaes` package: pip install cmaes") from None
+        if cfg.get("seed") is not None:  # resumed: its own seed, not a replay of the first process's samples
+            cfg["seed"] = resume_seed(int(cfg["seed"]), n_existing)
         if others_alive and cfg.get("seed") is not None:
             # another sweep process shares the study: the same seed would propose the same parameters
             cfg["seed"] = (int(cfg["seed"]) + os.getpid()) % (2**31)
@@ -317,7 +323,7 @@ class Sweep:
         study = open_study(self.s.storage, self.s.study_name, self.s.directions, storage=storage)
         heartbeat(study, self.me, len(self.slots), t0)
         others = [w for w in live_workers(study, self.s.stale_after) if w != str(self.me)]
-        study.sampler = self._sampler(bool(others))
+        study.sampler = self._sampler(bool(others), len(study.get_trials(deepcopy=False)))
         study.pruner = self._pruner()
         names = set(self.space.names())
         for params in self.s.enqueue_trials:
@@ -397,7 +403,7 @@ class Sweep:
         """Start one trial in a free slot; False when the n_trials budget is used up."""
         from optuna.trial import TrialState
 
-        if budget_used(study.get_trials(deepcopy=False)) >= self.n_trials:
+        if budget_used(study.get_trials(deepcopy=False)) >= self.n_trials or self.dedupe.exhausted(study):
             return False
         trial = study.ask(self.space.params)
         if rank_in_budget(study.get_trials(deepcopy=False), trial.number) > self.n_trials:
@@ -414,6 +420,8 @@ class Sweep:
         except Exception as err:
             fail_trial(study, trial.number, "search_space", f"{type(err).__name__}: {err}")
             raise SweepError(f"cannot sample trial {trial.number}: {type(err).__name__}: {err}") from err
+        if self.dedupe.reject(study, trial):  # parameters the study already has: not run, sample again
+            return self._launch(study)
 
         slot = self.slots.acquire(trial.number)
         assert slot is not None

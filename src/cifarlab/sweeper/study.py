@@ -9,11 +9,17 @@ Every trial launched by a sweep process carries user attrs: ``owner`` (``host:pi
 trial whose owner is gone (same host: the pid is dead; another host: no heartbeat for ``stale_after`` s) is
 stale: it is marked FAIL (``fail_reason: stale``) and its parameters are enqueued again, at most
 ``max_retries`` times.
+
+Interruptions (a dead or stopped sweep process) and rejected duplicates never count toward ``n_trials``: after
+any kill and resume a study ends with exactly ``n_trials`` evaluated trials. A seeded sampler is reseeded from
+(seed, trials already in the study) on resume (:func:`resume_seed`), and :class:`Dedupe` keeps a sweep from
+evaluating a parameter set the study already has.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -37,11 +43,13 @@ FAIL_REASON = "fail_reason"
 RETRIED = "retried"  # this FAIL was an infrastructure failure whose parameters were enqueued again
 RETRY_OF = "retry_of"  # this trial re-runs the parameters of that trial number
 RETRIES = "retries"
+DUPLICATE_OF = "duplicate_of"  # this FAIL was sampled with the parameters of that trial number: not run
 METRICS = "metrics"
 WORKER_PREFIX = "worker:"  # study user attr per sweep process: {"heartbeat": t, "started": t, "slots": n}
 
-# fail reasons that are not the trial's fault: such trials do not count toward n_trials once retried
-INFRA_REASONS = ("stale", "interrupted", "surplus")
+# fail reasons that are not the trial's fault: such trials never count toward n_trials (each needs a sweep
+# process to die or be stopped, or a new sample, so not counting them cannot loop)
+INFRA_REASONS = ("stale", "interrupted", "surplus", "duplicate")
 
 
 class StorageError(RuntimeError):
@@ -174,14 +182,15 @@ def open_study(
 
 
 def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
-    """Finished or running trials count; failures that were the infrastructure's and were retried do not."""
+    """Finished or running trials count; failures that were not the trial's own (interruptions, surplus,
+    duplicates: :data:`INFRA_REASONS`) do not, even when their parameters were not queued again."""
     from optuna.trial import TrialState
 
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
         return True
     if trial.state == TrialState.FAIL:
         attrs = trial.user_attrs
-        return not (attrs.get(RETRIED) or attrs.get(FAIL_REASON) == "surplus")
+        return not (attrs.get(RETRIED) or attrs.get(FAIL_REASON) in INFRA_REASONS)
     return False  # WAITING: enqueued, not yet started
 
 
@@ -354,3 +363,123 @@ def recover_stale(
             if number is not None:
                 recovered.append(number)
     return recovered
+
+
+# ---- seeds and duplicates ------------------------------------------------------------------------------------
+
+
+def resume_seed(seed: int, n_existing: int) -> int:
+    """The sampler seed of a sweep process that finds ``n_existing`` trials in its study.
+
+    A new study keeps ``seed`` (the same command from scratch samples the same parameters); a resumed or extended
+    one gets a seed derived from (seed, n_existing), so that the new process does not replay the sequence the
+    first one has already evaluated. numpy's SeedSequence mixes the pair into independent, well-spread seeds."""
+    if n_existing <= 0:
+        return int(seed)
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) % 2**32, int(n_existing)]).generate_state(1)[0]) % 2**31
+
+
+def space_size(space: Any) -> int | None:
+    """How many distinct parameter sets a search space has (None: continuous, conditional or unknown)."""
+    if space is None:
+        return None
+    from cifarlab.sweeper.space import SearchSpaceError
+
+    try:
+        grid = space.grid()
+    except SearchSpaceError:
+        return None
+    return math.prod(len(values) for values in grid.values()) if grid else None
+
+
+class Dedupe:
+    """Keeps a sweep from evaluating a parameter set its study already has.
+
+    Samplers do propose repeats: a small categorical space, TPE's best guess again, a seed replayed. Before a
+    trial is launched, :meth:`reject` compares its parameters with every trial that counts toward n_trials
+    (COMPLETE, PRUNED, RUNNING, own failures; interrupted ones are meant to be re-run). A repeat is told FAIL
+    (``fail_reason: duplicate``, ``duplicate_of: <number>``), does not count toward n_trials, and is not run; the
+    next samples come from a RandomSampler seeded from (seed, trial number) until a new set turns up, because a
+    model-based sampler (TPE) does not learn from a FAIL and would propose its best guess again.
+
+    :meth:`exhausted` tells the sweep to stop launching: when every point of a finite space is in the study, or
+    after ``max_streak`` repeats in a row (a space too small to say how small: at one new point in 12, 100
+    random draws all miss with probability 2e-4).
+    """
+
+    def __init__(self, space: Any, say: Any, seed: int | None = None, max_streak: int = 100) -> None:
+        self.size = space_size(space)  # pass space=None when custom_search_space adds parameters
+        self.say = say
+        self.seed = seed
+        self.max_streak = max_streak
+        self.streak = 0
+        self._saved_sampler: Any = None
+        self._stopped = False
+
+    def exhausted(self, study: optuna.Study) -> bool:
+        """True (and said once) when no new parameter set can be expected."""
+        if self._stopped:
+            return True
+        distinct = _distinct_sets(study.get_trials(deepcopy=False)) if self.size or self.streak else 0
+        if self.size is not None and distinct >= self.size:
+            self.say(
+                f"search space exhausted: all {self.size} parameter sets of the space are in the study; "
+                "no more trials are started (n_trials cannot be reached)"
+            )
+        elif self.streak >= self.max_streak:
+            self.say(
+                f"search space exhausted: {self.streak} samples in a row repeated parameter sets the study "
+                f"already has ({distinct} distinct sets); no more trials are started"
+            )
+        else:
+            return False
+        self._stopped = True
+        self._restore(study)
+        return True
+
+    def reject(self, study: optuna.Study, trial: optuna.trial.Trial) -> bool:
+        """True when ``trial`` (asked, parameters sampled, not launched) repeats a parameter set of the study:
+        it is then told FAIL (``duplicate``) and the next ask samples at random."""
+        params = dict(trial.params)
+        if not params:  # nothing is searched: the one configuration is simply run n_trials times
+            return False
+        same = next(
+            (
+                t.number
+                for t in study.get_trials(deepcopy=False)
+                if t.number != trial.number and counts_toward_budget(t) and t.params == params
+            ),
+            None,
+        )
+        if same is None:
+            self.streak = 0
+            self._restore(study)
+            return False
+        fail_trial(
+            study,
+            trial.number,
+            "duplicate",
+            f"the same parameters as trial {same}; not run, sampled again",
+            extra={DUPLICATE_OF: same},
+        )
+        self.streak += 1
+        self.say(f"trial {trial.number:>3} repeats the parameters of trial {same}: not run, sampling again")
+        if self._saved_sampler is None:
+            import optuna
+
+            seed = None if self.seed is None else resume_seed(self.seed, trial.number + 1)
+            self._saved_sampler = study.sampler
+            study.sampler = optuna.samplers.RandomSampler(seed=seed)
+        return True
+
+    def _restore(self, study: optuna.Study) -> None:
+        if self._saved_sampler is not None:
+            study.sampler = self._saved_sampler
+            self._saved_sampler = None
+
+
+def _distinct_sets(trials: Iterable[optuna.trial.FrozenTrial]) -> int:
+    # parameter values are None, bool, int, float or str (Optuna's rule for choices): hashable
+    return len({tuple(sorted(t.params.items())) for t in trials if counts_toward_budget(t)})

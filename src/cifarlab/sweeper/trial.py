@@ -114,3 +114,21 @@ def pruning_callback_class() -> type:
 
     _CALLBACK_CLASS = OptunaPruning
     return OptunaPruning
+
+
+def is_interruption(err: BaseException) -> bool:
+    """Whether a run ended because it was stopped from outside (Ctrl-C; SIGTERM from its dead or stopped sweep
+    process, PR_SET_PDEATHSIG, or from a scheduler), not by a fault of its own: its metrics.json then says
+    ``interrupted`` and the sweeper runs its parameters again instead of recording a failure.
+
+    Lightning turns SIGTERM into ``SIGTERMException`` and handles Ctrl-C itself with ``sys.exit(1)``, raised
+    while handling the KeyboardInterrupt, so the exception's context chain is searched too."""
+    seen: BaseException | None = err
+    for _ in range(10):  # a short chain; never loop on a cyclic one
+        if seen is None:
+            return False
+        # by name: importing this module must not import Lightning
+        if isinstance(seen, KeyboardInterrupt) or type(seen).__name__ == "SIGTERMException":
+            return True
+        seen = seen.__context__
+    return False
