@@ -42,7 +42,7 @@ SLEEP_TASK = f"hydra.sweeper.task_command=[{PY},-m,cifarlab.sweeper.sleep_task]"
 EVALUATED = (TrialState.COMPLETE, TrialState.PRUNED)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# real (tiny) training trials: long enough (3 epochs) to be killed in the middle of training
+# real (tiny) training trials: 12 epochs of ~0.5 s, so that they are surely killed in the middle of training
 TRAINING = """\
 # @package _global_
 defaults:
@@ -53,12 +53,12 @@ data:
   train_size: 640
   val_size: 64
 trainer:
-  max_epochs: 3
+  max_epochs: 12
   limit_train_batches: 10
 hydra:
   sweeper:
     study_name: killed
-    n_trials: 3
+    n_trials: 2
     n_jobs: 2
     plots: false
 """
@@ -165,7 +165,7 @@ def test_trials_of_a_killed_sweep_are_run_again_to_exactly_n_trials(tmp_path):
     result = _run(cmd, tmp_path)  # the same command
     trials = _trials(sweep, "killed")
     evaluated = [t for t in trials if t.state in EVALUATED]
-    assert len(evaluated) == 3, [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
+    assert len(evaluated) == 2, [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     for number, t in killed.items():  # each interrupted parameter set was evaluated again, once
         assert trials[number].state == TrialState.FAIL
@@ -174,7 +174,7 @@ def test_trials_of_a_killed_sweep_are_run_again_to_exactly_n_trials(tmp_path):
     assert {f: (f / "metrics.json").read_text() for f in folders} == before  # nothing overwritten
     dirs = [t.user_attrs[JOB_DIR] for t in trials]
     assert len(set(dirs)) == len(dirs) == len(list(sweep.glob("trial_*")))
-    assert "3 complete, 0 pruned, 0 failed" in result.stdout
+    assert "2 complete, 0 pruned, 0 failed" in result.stdout
 
 
 # ---- seeded studies: reproducible, never a parameter set twice -------------------------------------------------
