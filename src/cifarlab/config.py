@@ -70,6 +70,13 @@ class TrainerConf:
     enable_progress_bar: Optional[bool] = None  # None: a live bar on a terminal, one line per epoch otherwise
     channels_last: bool = True  # NHWC activations: faster convolutions on CPUs (oneDNN) and tensor cores
     compile: bool = False  # torch.compile the network
+    # Record the whole training step once as a CUDA graph and replay it (cifarlab.step): auto (where it can
+    # apply: a CUDA GPU, a torch optimizer with a capturable form, no DDP/16-mixed/compile) | true (error if
+    # it cannot) | false (always eager). The run's summary and metrics.json say which ran (step_mode).
+    capture: Any = "auto"
+    # Optimizer steps per Lightning training_step (several batches per call, manual optimization, so that
+    # Lightning's per-call cost is paid once per K steps): auto (32 captured, 8 eager) | an integer >= 1
+    steps_per_call: Any = "auto"
 
 
 @dataclass
@@ -278,6 +285,25 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _capture_blocker(cfg: DictConfig) -> str | None:
+    """What in the config rules out a captured training step (cifarlab.step.capture_blocker checks the rest
+    when the device is known)."""
+    t = cfg.trainer
+    target = str(cfg.optimizer.get("_target_", "")) if cfg.get("optimizer") is not None else ""
+    capturable = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")  # cifarlab.step.CAPTURABLE_OPTIMIZERS
+    if str(t.accelerator) == "cpu":
+        return "trainer.accelerator=cpu: CUDA graphs need a CUDA GPU"
+    if not (target.startswith("torch.optim.") and target.rsplit(".", 1)[-1] in capturable):
+        return f"optimizer {target} has no capturable form"
+    if str(t.precision).startswith("16"):
+        return "16-mixed checks its gradient scale on the host"
+    if str(t.strategy).startswith("ddp"):
+        return "DDP all-reduces gradients in its own hooks"
+    if t.compile:
+        return "trainer.compile=true"
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
     """Check ranges and names of the settings that would otherwise fail late (or silently)."""
     m, d, t = cfg.model, cfg.data, cfg.trainer
@@ -331,6 +357,17 @@ def validate(cfg: DictConfig) -> None:
             "a folder of class sub-folders (data.root=/path/to/train)",
         )
     _check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "max_epochs >= 1")
+    _check(t.capture in ("auto", True, False), "trainer.capture", t.capture, "auto, true, false")
+    spc = t.steps_per_call
+    _check(
+        spc == "auto" or (isinstance(spc, int) and not isinstance(spc, bool) and spc >= 1),
+        "trainer.steps_per_call",
+        spc,
+        "auto or an integer >= 1",
+    )
+    if t.capture is True:
+        blocker = _capture_blocker(cfg)
+        _check(blocker is None, "trainer.capture", True, f"auto or false here ({blocker})")
     _check(
         str(t.precision)
         in ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true", "16"),

@@ -221,19 +221,31 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 def crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image, in one gather.
+    """Random crop with ``pad`` pixels of zero padding and random horizontal flip, per image.
 
-    (B, C, H, W) uint8 → (B, C, H, W) uint8, in the memory layout of the input. Each image draws its own
-    shift (dy, dx in 0..2·pad) and flip from ``generator``; one ``gather`` over the padded batch then reads
-    every output pixel from its source pixel (a flip reads the row backwards). On a CPU this is ~4x faster
-    than advanced indexing with per-image row/column index tensors; on a GPU it is a handful of kernels.
+    Draws each image's shift (dy, dx in 0..2·pad) and flip from ``generator``, then :func:`crop_flip_at`.
+    """
+    b, k = images.shape[0], 2 * pad + 1
+    dy = torch.randint(0, k, (b,), device=images.device, generator=generator)
+    dx = torch.randint(0, k, (b,), device=images.device, generator=generator)
+    flip = torch.randint(0, 2, (b,), device=images.device, generator=generator)
+    return crop_flip_at(images, dy, dx, flip, pad)
+
+
+def crop_flip_at(
+    images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = 4
+) -> torch.Tensor:
+    """Crop each image at shift (dy, dx) of its ``pad``-padded self, flipped where ``flip`` is 1, in one gather.
+
+    (B, C, H, W) uint8 and (B,) int64 draws → (B, C, H, W) uint8, in the memory layout of the input. One
+    ``gather`` over the padded batch reads every output pixel from its source pixel (a flip reads the row
+    backwards). On a CPU this is ~4x faster than advanced indexing with per-image row/column index tensors;
+    on a GPU it is a handful of kernels with no host synchronisation (so it can be captured in a CUDA graph).
     """
     b, c, h, w = images.shape
     device = images.device
-    k, hp, wp = 2 * pad + 1, h + 2 * pad, w + 2 * pad
-    dy = torch.randint(0, k, (b, 1, 1), device=device, generator=generator)
-    dx = torch.randint(0, k, (b, 1, 1), device=device, generator=generator)
-    flip = torch.randint(0, 2, (b, 1, 1), device=device, generator=generator).bool()
+    hp, wp = h + 2 * pad, w + 2 * pad
+    dy, dx, flip = dy.view(b, 1, 1), dx.view(b, 1, 1), flip.view(b, 1, 1).bool()
     cols = torch.arange(w, device=device).view(1, 1, w)
     cols = torch.where(flip, w - 1 - cols, cols)  # flipping = reading the row backwards
     rows = torch.arange(h, device=device).view(1, h, 1)
@@ -251,7 +263,11 @@ class DeviceBatches:
     """An iterable of ``(images, labels)`` batches gathered from uint8 tensors that live on one device.
 
     Each pass draws a fresh permutation seeded by ``seed`` and the epoch (so a resumed run sees the same
-    order); under DDP each rank takes its own equal-sized shard of it.
+    order), and, with ``augment``, every image's crop shift and flip from the same generator; under DDP each
+    rank takes its own equal-sized shard. An epoch is first a *plan*, a ``(4, N)`` int64 tensor whose columns
+    are (image row, dy, dx, flip), and a batch is :meth:`gather` of ``B`` columns of it: the captured training
+    step (:mod:`cifarlab.step`) receives the plan columns and gathers the batch inside its CUDA graph.
+    ``max_batches`` cuts every epoch after that many batches (``trainer.limit_train_batches``).
     """
 
     def __init__(
@@ -270,11 +286,13 @@ class DeviceBatches:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = True,
+        max_batches: int | None = None,
+        pad: int = 4,
     ) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.channels_last = channels_last
+        self.channels_last, self.max_batches, self.pad = channels_last, max_batches, pad
         device = images.device
         # x_float = (x_uint8 / 255 - mean) / std  ==  x_uint8 * scale + shift
         std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -287,9 +305,11 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         n = self._per_rank()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return batches if self.max_batches is None else min(batches, self.max_batches)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def plan(self) -> torch.Tensor:
+        """This epoch's (4, N) int64 plan on the device: image rows in order, then dy, dx, flip per image."""
         device = self.images.device
         generator = torch.Generator(device=device).manual_seed(self.seed * 100_003 + self.epoch())
         n = len(self.labels)
@@ -299,19 +319,79 @@ class DeviceBatches:
             order = torch.arange(n, device=device)
         if self.world_size > 1:
             order = order[self.rank :: self.world_size][: self._per_rank()]
+        plan = torch.zeros(4, len(order), dtype=torch.int64, device=device)
+        plan[0] = order
+        if self.augment:  # all of the epoch's draws at once: 3 kernels per epoch instead of 3 per batch
+            k = 2 * self.pad + 1
+            for row, high in ((1, k), (2, k), (3, 2)):
+                plan[row] = torch.randint(0, high, (len(order),), device=device, generator=generator)
+        return plan
+
+    def batch_plans(self) -> Iterator[torch.Tensor]:
+        """The epoch's batches as (4, B) views of :meth:`plan`."""
+        plan = self.plan()
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            # index_select on the NCHW uint8 store: plain row copies (advanced indexing x[idx] is ~8x slower
-            # on a CPU). Crop/flip then run on uint8, so the float work below touches each pixel once.
-            x = self.images.index_select(0, idx)
-            if self.augment:
-                x = crop_flip(x, generator)
-            # (x/255 - mean)/std as one multiply-add, in NCHW where the per-channel constants broadcast over
-            # contiguous rows (in NHWC the inner dimension would be the 3 channels: ~2x slower on a CPU) ...
-            x = x.float().mul_(self.scale).add_(self.shift)
-            if self.channels_last:  # ... then one copy into the layout the channels_last model wants
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels.index_select(0, idx)
+            yield plan[:, i * self.batch_size : (i + 1) * self.batch_size]
+
+    def gather(self, plan: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(4, B) plan → (B, 3, H, W) float images, augmented and normalised, and (B,) int64 labels."""
+        idx = plan[0]
+        # index_select on the NCHW uint8 store: plain row copies (advanced indexing x[idx] is ~8x slower
+        # on a CPU). Crop/flip then run on uint8, so the float work below touches each pixel once.
+        x = self.images.index_select(0, idx)
+        if self.augment:
+            x = crop_flip_at(x, plan[1], plan[2], plan[3], self.pad)
+        # (x/255 - mean)/std as one multiply-add, in NCHW where the per-channel constants broadcast over
+        # contiguous rows (in NHWC the inner dimension would be the 3 channels: ~2x slower on a CPU) ...
+        x = x.float().mul_(self.scale).add_(self.shift)
+        if self.channels_last:  # ... then one copy into the layout the channels_last model wants
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, self.labels.index_select(0, idx)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for plan in self.batch_plans():
+            yield self.gather(plan)
+
+    def chunks(self, steps: int) -> Chunks:
+        """The same epoch as chunks of ``steps`` consecutive batches (one Lightning step each)."""
+        return Chunks(self, steps)
+
+
+class Chunk:
+    """``len(plans)`` consecutive training batches, as (4, B) plans that ``source.gather`` turns into pixels.
+
+    What one Lightning ``training_step`` receives when the module runs several optimizer steps per call
+    (:class:`cifarlab.module.CifarModule`). A plain object, so Lightning passes it through untouched.
+    """
+
+    __slots__ = ("source", "plans")
+
+    def __init__(self, source: DeviceBatches, plans: list[torch.Tensor]) -> None:
+        self.source, self.plans = source, plans
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    @property
+    def images(self) -> int:
+        return sum(p.shape[1] for p in self.plans)
+
+
+class Chunks:
+    """An epoch of :class:`DeviceBatches` in chunks of ``steps`` batches (the last chunk may be shorter)."""
+
+    def __init__(self, batches: DeviceBatches, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps per chunk must be >= 1, got {steps}")
+        self.batches, self.steps = batches, steps
+
+    def __len__(self) -> int:
+        return -(-len(self.batches) // self.steps)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        plans = list(self.batches.batch_plans())
+        for i in range(0, len(plans), self.steps):
+            yield Chunk(self.batches, plans[i : i + self.steps])
 
 
 class CifarDataModule(L.LightningDataModule):
@@ -336,6 +416,7 @@ class CifarDataModule(L.LightningDataModule):
         split_seed: int = 0,
         seed: int = 0,
         channels_last: bool = True,
+        limit_train_batches: int | float | None = None,
     ) -> None:
         super().__init__()
         self.name, self.data_dir, self.root = name, Path(data_dir), root
@@ -344,6 +425,9 @@ class CifarDataModule(L.LightningDataModule):
         self.download, self.verify_checksum = download, verify_checksum
         self.train_size, self.test_size, self.image_size = train_size, test_size, image_size
         self.split_seed, self.seed, self.channels_last = split_seed, seed, channels_last
+        # Training batches per epoch: a count, a fraction, or None for all. Applied here rather than by
+        # Lightning, which would count chunks of several batches (see train_dataloader).
+        self.limit_train_batches = limit_train_batches
         if name in CIFAR:
             self.num_classes = CIFAR[name]["num_classes"]
         elif name == "imagefolder":
@@ -427,10 +511,30 @@ class CifarDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
             channels_last=self.channels_last,
+            max_batches=self._train_limit(split) if train else None,
         )
 
-    def train_dataloader(self) -> DeviceBatches:
-        return self._batches("train", train=True)
+    def _train_limit(self, split: str) -> int | None:
+        limit = self.limit_train_batches
+        if limit is None or (isinstance(limit, float) and limit >= 1.0):
+            return None
+        if isinstance(limit, float):  # a fraction of the epoch, as Lightning reads it
+            world = self.trainer.world_size if getattr(self, "trainer", None) is not None else 1
+            per_rank = len(self.splits[split][1]) // max(1, world)
+            return int(-(-per_rank // self.batch_size) * limit)
+        return int(limit)
+
+    def train_steps_per_epoch(self) -> int:
+        """Optimizer steps (batches) per training epoch on this rank, after ``limit_train_batches``."""
+        return len(self._batches("train", train=True))
+
+    def train_dataloader(self) -> DeviceBatches | Chunks:
+        # A module that runs several optimizer steps per training_step (CifarModule) says how many with
+        # ``steps_per_call``; it then receives chunks of that many batches (plans, gathered in its step).
+        batches = self._batches("train", train=True)
+        trainer = getattr(self, "trainer", None)
+        steps = getattr(trainer.lightning_module, "steps_per_call", None) if trainer is not None else None
+        return batches.chunks(steps) if steps else batches
 
     def val_dataloader(self) -> DeviceBatches:
         return self._batches("val", train=False)

@@ -1,4 +1,5 @@
-"""The LightningModule: cross-entropy training of a network, its metrics, and optimizer/scheduler wiring."""
+"""The LightningModule: cross-entropy training of a network (K optimizer steps per Lightning step), its
+metrics, and optimizer/scheduler wiring."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifarlab.config import ConfigError
+from cifarlab.data import Chunk
 from cifarlab.model import parameter_groups
+from cifarlab.step import TrainStep, capture_blocker, optimizer_for_capture
 
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params) -> torch.optim.Optimizer:
@@ -38,11 +42,27 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params) -> to
     return factory(params)
 
 
+# Optimizer steps per Lightning training_step with trainer.steps_per_call=auto. Lightning's own cost per call
+# (its loop, hooks, progress bar, logging) is ~1-1.5 ms on this 2-core AMD EPYC CPU and a few ms on a GPU
+# machine's host; a captured step of the course CNN is ~0.3-1 ms of GPU time (batch 64-512 on an H100),
+# an eager CPU step >= 10 ms. K = 32 keeps Lightning under ~10% of the captured steps; K = 8 keeps it ~1% of
+# eager ones. K never exceeds an epoch's batches.
+AUTO_STEPS_PER_CALL = {"captured": 32, "eager": 8}
+# Callback hooks that only run in an eager step (a captured step has no Python between its kernels).
+_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+
+
 class CifarModule(L.LightningModule):
     """Trains ``net`` with cross-entropy; logs train/val/test loss and accuracy, val/acc_best and the lr.
 
     ``optimizer`` is a partial optimizer completed with parameter groups (decay on weights, not biases);
     ``scheduler`` is a factory from :mod:`cifarlab.schedulers` or None.
+
+    Manual optimization: each ``training_step`` receives a :class:`~cifarlab.data.Chunk` of ``steps_per_call``
+    consecutive batches and runs one optimizer step per batch through :class:`~cifarlab.step.TrainStep`
+    (captured as a CUDA graph where :func:`~cifarlab.step.capture_blocker` allows it, and ``capture`` is
+    ``auto`` or ``True``). Schedulers step per batch or per epoch as their factory says, ``global_step``
+    counts optimizer steps, ``gradient_clip_val`` clips the gradients' total norm before every step.
     """
 
     def __init__(
@@ -54,19 +74,25 @@ class CifarModule(L.LightningModule):
         num_classes: int = 10,
         compile: bool = False,
         config: dict[str, Any] | None = None,
+        capture: bool | str = "auto",
+        steps_per_call: int | str = "auto",
+        gradient_clip_val: float | None = None,
+        log_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
+        self.automatic_optimization = False
         self.net = net
+        self.compile = compile
         self.forward_fn = torch.compile(net) if compile else net  # keeps net's state_dict keys unprefixed
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.num_classes = weight_decay, num_classes
         self.config = config or {}  # the resolved run config, stored in every checkpoint for eval.py
-        # Training metrics run every step, so they must not wait for the GPU: no argument checks (labels are
-        # checked when the data is loaded) and no NaN filter (a NaN loss reaches the epoch mean, which fails
-        # the run below); both would call .item()/.any() on device tensors, a host sync per step.
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        self.capture_setting, self.steps_per_call_setting = capture, steps_per_call
+        self.gradient_clip_val, self.log_every_n_steps = gradient_clip_val, log_every_n_steps
+        self.steps_per_call: int | None = None  # resolved in configure_optimizers; read by the datamodule
+        self.capture, self.capture_reason = False, "not configured yet"
+        self.stepper: TrainStep | None = None
         self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(2))
-        self.train_loss = MeanMetric(nan_strategy="disable")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
@@ -78,31 +104,90 @@ class CifarModule(L.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits.float(), y), logits
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss, logits = self._shared_step(batch)
-        # update(), not __call__: __call__ would also compute a per-batch value, then throw it away
-        self.train_loss.update(loss.detach())
-        self.train_acc.update(logits.detach(), batch[1])
-        # Per-step values only on the steps Lightning hands to the loggers (every trainer.log_every_n_steps):
-        # each self.log costs ~1 ms of Python. Both are CPU tensors, so that a progress bar reading them every
-        # batch never waits for the GPU (the .cpu() here syncs once per logging step, not per step).
-        n = self.trainer.log_every_n_steps
-        if n and (self.global_step + 1) % n == 0:
-            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
-            self.log(
-                "train/loss_step", loss.detach().float().cpu(), on_step=True, on_epoch=False, prog_bar=True
-            )
-            self.log("train/lr", torch.tensor(lr), on_step=True, on_epoch=False)
-        return loss
+    # ---- training: K optimizer steps per call ---------------------------------------------------------------
+
+    @property
+    def step_mode(self) -> str:
+        """``captured``, or ``eager (why)``: what the training steps of this run were."""
+        if self.stepper is not None and (self.stepper.replays or self.stepper.eager_reason):
+            return self.stepper.mode
+        return "captured" if self.capture else f"eager ({self.capture_reason})"
+
+    def on_train_start(self) -> None:
+        opt = self.optimizers()
+        precision = str(self.trainer.precision)
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+        self.stepper = TrainStep(
+            self.forward_fn,
+            opt.optimizer,
+            capture=self.capture,
+            clip_norm=self.gradient_clip_val,
+            autocast_dtype=dtype,
+            backward=self.manual_backward,  # Lightning's: DDP's gradient sync, fp16 scaling, callback hooks
+            optimizer_step=opt.step,  # counts trainer.global_step, runs on_before_optimizer_step hooks
+        )
+        # Callbacks with per-step hooks get them: their steps run eager (every_n_steps: only those steps).
+        self._hook_periods = [
+            max(1, int(getattr(cb, "every_n_steps", 1)))
+            for cb in self.trainer.callbacks
+            if any(getattr(type(cb), h) is not getattr(L.Callback, h) for h in _STEP_HOOKS)
+        ]
+        configs = self.trainer.lr_scheduler_configs
+        self._step_schedulers = [c for c in configs if c.interval == "step"]
+        self._epoch_schedulers = [c for c in configs if c.interval != "step"]
+
+    def training_step(self, chunk: Chunk, chunk_idx: int) -> None:
+        opt = self.optimizers()
+        for plan in chunk.plans:
+            step = self.trainer.global_step
+            hooks = any(step % p == 0 for p in self._hook_periods)
+            loss, replayed = self.stepper(chunk.source, plan, eager=hooks)
+            if replayed:  # the graph ran the optimizer: count its step as Lightning counts opt.step()
+                opt._on_before_step()
+                opt._on_after_step()
+            step = self.trainer.global_step
+            for c in self._step_schedulers:
+                if step % c.frequency == 0:
+                    c.scheduler.step()
+            # Per-step values only every log_every_n_steps steps: .cpu() waits for the GPU (once per N steps)
+            n = self.log_every_n_steps
+            if n and step % n == 0:
+                self.log("train/loss_step", loss.float().cpu(), on_step=True, on_epoch=False, prog_bar=True,
+                         batch_size=plan.shape[1])
+                lr = float(opt.param_groups[0]["lr"])
+                self.log("train/lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=plan.shape[1])
+        # Lightning counts this call as one batch for its loggers' step axis: make it count every batch.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(chunk) - 1
 
     def on_train_epoch_end(self) -> None:
-        loss = self.train_loss.compute()
+        loss, acc, _ = self.stepper.epoch_metrics()  # one host sync per epoch
         self.log("train/loss", loss, sync_dist=True)
-        self.log("train/acc", self.train_acc.compute(), sync_dist=True)
-        self.train_loss.reset()
-        self.train_acc.reset()
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"training diverged: train/loss is {float(loss)} at epoch {self.current_epoch}")
+        self.log("train/acc", acc, sync_dist=True)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training diverged: train/loss is {loss} at epoch {self.current_epoch}")
+        # Epoch schedulers step here: after this epoch's validation (plateau reads val/acc) and before the
+        # epoch's checkpoint is written (ModelCheckpoint runs after this hook), so a resume continues exactly.
+        for c in self._epoch_schedulers:
+            if (self.current_epoch + 1) % c.frequency:
+                continue
+            if isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                metric = self.trainer.callback_metrics.get(c.monitor)
+                if metric is None:
+                    if c.strict:
+                        raise RuntimeError(
+                            f"scheduler=plateau monitors {c.monitor}, which was not logged this epoch "
+                            "(is validation off?)"
+                        )
+                    continue
+                c.scheduler.step(float(metric))
+            else:
+                c.scheduler.step()
+
+    def on_train_end(self) -> None:
+        if self.stepper is not None:  # the run's step mode, for the summary and metrics.json
+            self.capture_reason = self.stepper.eager_reason or self.capture_reason
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
@@ -128,12 +213,43 @@ class CifarModule(L.LightningModule):
         self.test_acc.reset()
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.optimizer_factory, parameter_groups(self.net, self.weight_decay))
+        trainer = self.trainer
+        device = trainer.strategy.root_device
+        factory_cls = getattr(self.optimizer_factory, "func", self.optimizer_factory)
+        blocker = capture_blocker(device, factory_cls, str(trainer.precision), trainer.world_size, self.compile)
+        self._decide_capture(blocker)
+        groups = parameter_groups(self.net, self.weight_decay)
+        optimizer = (
+            optimizer_for_capture(self.optimizer_factory, groups)
+            if self.capture
+            else build_optimizer(self.optimizer_factory, groups)
+        )
+        datamodule = trainer.datamodule
+        max_epochs = max(1, trainer.max_epochs or 1)
+        if hasattr(datamodule, "train_steps_per_epoch"):
+            steps_per_epoch = max(1, datamodule.train_steps_per_epoch())
+        else:
+            steps_per_epoch = max(1, math.ceil(trainer.estimated_stepping_batches / max_epochs))
+        setting = self.steps_per_call_setting
+        auto = AUTO_STEPS_PER_CALL["captured" if self.capture else "eager"]
+        self.steps_per_call = min(steps_per_epoch, auto) if str(setting) == "auto" else int(setting)
         if self.scheduler_factory is None:
             return optimizer
-        max_epochs = max(1, self.trainer.max_epochs or 1)
-        steps_per_epoch = max(1, math.ceil(self.trainer.estimated_stepping_batches / max_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer, steps_per_epoch, max_epochs)}
+        schedule = self.scheduler_factory(optimizer, steps_per_epoch, max_epochs)
+        if self.capture:
+            self._decide_capture(
+                capture_blocker(device, factory_cls, str(trainer.precision), scheduler=schedule["scheduler"])
+            )
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _decide_capture(self, blocker: str | None) -> None:
+        setting = self.capture_setting
+        if setting is True and blocker is not None:
+            raise ConfigError(f"trainer.capture=true is not allowed here: {blocker}; allowed: auto, false")
+        if setting is False or str(setting).lower() == "false":
+            self.capture, self.capture_reason = False, "trainer.capture=false"
+        else:
+            self.capture, self.capture_reason = blocker is None, blocker or ""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cifarlab_config"] = self.config

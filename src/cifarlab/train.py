@@ -67,6 +67,7 @@ def build_datamodule(cfg: DictConfig, data_dir: str | None = None):
         split_seed=d.split_seed,
         seed=cfg.seed,
         channels_last=cfg.trainer.channels_last,
+        limit_train_batches=_limit(cfg.trainer.limit_train_batches),  # in batches, whatever steps_per_call
     )
 
 
@@ -88,6 +89,10 @@ def build_module(cfg: DictConfig, num_classes: int, config: dict[str, Any] | Non
         num_classes=num_classes,
         compile=cfg.trainer.compile,
         config=config,
+        capture=cfg.trainer.capture,
+        steps_per_call=cfg.trainer.steps_per_call,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
     )
 
 
@@ -115,12 +120,12 @@ def build_trainer(cfg: DictConfig, output_dir: Path, logger=None, extra_callback
         num_nodes=t.num_nodes,
         precision=resolve_precision(t.precision, t.accelerator),
         max_epochs=t.max_epochs,
-        limit_train_batches=_limit(t.limit_train_batches),
+        # Training: the datamodule limits batches, the module clips gradients and logs every
+        # log_every_n_steps optimizer steps (it runs several per Lightning step, manual optimization).
         limit_val_batches=_limit(t.limit_val_batches),
         limit_test_batches=_limit(t.limit_test_batches),
-        gradient_clip_val=t.gradient_clip_val,
         deterministic=t.deterministic,
-        log_every_n_steps=t.log_every_n_steps,
+        log_every_n_steps=1,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         num_sanity_val_steps=t.num_sanity_val_steps,
         benchmark=t.benchmark,
@@ -239,6 +244,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             global_step=trainer.global_step,
             duration_s=round(time.perf_counter() - start, 3),
             precision=str(trainer.precision),
+            step_mode=getattr(module, "step_mode", None),
+            steps_per_call=getattr(module, "steps_per_call", None),
         )
         if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", metrics)
@@ -253,7 +260,8 @@ def print_summary(metrics: dict[str, Any]) -> None:
     shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in keys if k in metrics)
     print(
         f"\n{metrics['run_name']}: {metrics['epochs']} epochs, {metrics['global_step']} steps, "
-        f"{metrics['duration_s']:.1f}s ({metrics['precision']})\n  {shown}\n  results: {metrics['output_dir']}/metrics.json",
+        f"{metrics['duration_s']:.1f}s ({metrics['precision']}; steps {metrics.get('step_mode')}, "
+        f"{metrics.get('steps_per_call')} per call)\n  {shown}\n  results: {metrics['output_dir']}/metrics.json",
         file=sys.stdout,
         flush=True,
     )

@@ -1,0 +1,79 @@
+"""GPU check of cifarlab.step: captured vs eager training, same start, same batches, same RNG.
+
+    python bench/gpu_step_check.py [--steps 60] [--out FILE]
+
+Trains the course CNN twice from the same weights on the same batch plans (augmentation and dropout on, a
+per-step cosine schedule so the learning rate changes every step): once eager, once with the step captured
+in a CUDA graph and replayed. Prints (and writes as JSON) the largest parameter difference, relative to the
+parameter's scale, for fp32 and bf16 autocast, and the step modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from cifarlab.data import DeviceBatches, make_synthetic
+from cifarlab.model import CifarCNN, parameter_groups
+from cifarlab.module import build_optimizer
+from cifarlab.step import TrainStep, optimizer_for_capture
+
+
+def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
+    cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[opt_name]
+    kw = {"momentum": 0.9} if opt_name == "sgd" else {}
+
+    def factory(p, **o):
+        return cls(p, lr=0.01 if opt_name == "sgd" else 1e-3, **kw, **o)
+
+    groups = parameter_groups(net, 1e-4)
+    opt = optimizer_for_capture(factory, groups) if capture else build_optimizer(factory, groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    step = TrainStep(net, opt, capture=capture, autocast_dtype=dtype, clip_norm=5.0)
+    torch.cuda.manual_seed(7)
+    plans = []
+    while len(plans) < steps:
+        plans += list(batches.batch_plans())
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for plan in plans[:steps]:
+        step(batches, plan)
+        sched.step()
+    torch.cuda.synchronize()
+    loss, acc, images = step.epoch_metrics()
+    return {"mode": step.mode, "replays": step.replays, "seconds": time.perf_counter() - t0, "loss": loss, "acc": acc}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    x, y = make_synthetic(64 * 20 + 40, seed=1)  # 20 full batches and a short one per epoch
+    batches = DeviceBatches(x.to(dev), y.to(dev), 64, mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, augment=True, seed=3)
+    results = {}
+    for opt_name in ("adam", "sgd", "rmsprop"):
+        for dtype in (None, torch.bfloat16):
+            torch.manual_seed(0)
+            base = CifarCNN(10, dropout=0.5).to(dev).to(memory_format=torch.channels_last)
+            nets = {m: copy.deepcopy(base) for m in ("eager", "captured")}
+            runs = {m: train(nets[m], m == "captured", batches, args.steps, dtype, opt_name) for m in nets}
+            worst = 0.0
+            for a, b in zip(nets["eager"].parameters(), nets["captured"].parameters(), strict=True):
+                worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
+            key = f"{opt_name}-{'bf16' if dtype else 'fp32'}"
+            results[key] = {"max_rel_param_diff": worst, **{m: runs[m] for m in runs}}
+            print(key, f"max relative parameter difference {worst:.2e}", runs, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The K-step training path (several optimizer steps per Lightning step, cifarlab.step) computes what a plain
+one-step-at-a-time loop computes: same parameters after many steps, for every optimizer, with schedulers,
+dropout and gradient clipping, and across a resume. Real Lightning Trainers on tiny synthetic data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from cifarlab.config import ConfigError, validate
+from cifarlab.data import DeviceBatches
+from cifarlab.model import parameter_groups
+from cifarlab.module import build_optimizer
+from cifarlab.step import capture_blocker
+from cifarlab.train import build_datamodule, build_module, build_trainer
+from tests.conftest import CONF, compose_train
+
+OPTIMIZERS = sorted(str(p.relative_to(CONF / "optimizer").with_suffix("")) for p in (CONF / "optimizer").rglob("*.yaml"))
+# 8x8 images (the CNN's three poolings leave 1x1x128), batches of 16: a step costs ~1 ms, so a run is mostly
+# Lightning's own start-up. 7 batches per epoch (the last one short), chunks of 3: 3 calls per epoch, the last
+# with one batch.
+TINY = [
+    "data=synthetic",
+    "data.image_size=8",
+    "data.train_size=212",
+    "data.val_size=112",
+    "data.test_size=16",
+    "data.batch_size=16",
+    "data.eval_batch_size=112",
+    "trainer.precision=32",
+    "trainer.accelerator=cpu",
+    "trainer.steps_per_call=3",
+    "logger=none",
+    "test=false",
+    "callbacks.figures=false",
+    "model.dropout=0.5",
+]
+
+
+def fit(overrides: list[str], out: Path, ckpt_path: str | None = None):
+    """What train.run does, returning the module: seed, build, fit."""
+    cfg = compose_train(overrides, out)
+    validate(cfg)
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.num_classes)
+    trainer = build_trainer(cfg, out)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def plain_loop(overrides: list[str], out: Path) -> torch.nn.Module:
+    """The same run as a plain PyTorch loop: one batch, one optimizer step, one scheduler step at a time."""
+    cfg = compose_train(overrides, out)
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg)
+    net = build_module(cfg, dm.num_classes).net  # the same initial weights, the same RNG state after them
+    dm.setup()
+    images, labels = dm.splits["train"]
+    optimizer = build_optimizer(instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, cfg.model.weight_decay))
+    epochs = cfg.trainer.max_epochs
+    steps_per_epoch = math.ceil(len(labels) / cfg.data.batch_size)
+    schedule = instantiate(cfg.scheduler)(optimizer, steps_per_epoch, epochs) if cfg.get("scheduler") else None
+    clip = cfg.trainer.gradient_clip_val
+    for epoch in range(epochs):
+        net.train()
+        batches = DeviceBatches(
+            images, labels, cfg.data.batch_size, mean=dm.mean, std=dm.std, shuffle=True, augment=cfg.data.augment,
+            seed=cfg.seed, epoch=lambda e=epoch: e, channels_last=cfg.trainer.channels_last,
+        )
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(net(x).float(), y).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            optimizer.step()
+            if schedule and schedule["interval"] == "step":
+                schedule["scheduler"].step()
+        if schedule and schedule["interval"] == "epoch":
+            schedule["scheduler"].step()
+    return net
+
+
+def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_k_steps_per_call_train_like_the_plain_loop(optimizer, tmp_path):
+    """Every optimizer, a per-step scheduler, dropout, augmentation: 2 epochs, 14 steps in 6 Lightning steps."""
+    overrides = TINY + [f"optimizer={optimizer}", "scheduler=cosine", "trainer.max_epochs=2", "callbacks.checkpoint=false"]
+    module, trainer = fit(overrides, tmp_path / "k")
+    assert trainer.global_step == 14 and module.steps_per_call == 3
+    assert module.step_mode == "eager (the device is cpu, not a CUDA GPU)"
+    assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
+
+
+@pytest.mark.parametrize(
+    "scheduler", [["scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5"], ["scheduler=onecycle"]]
+)
+def test_epoch_and_momentum_schedules_and_clipping_match(scheduler, tmp_path):
+    overrides = TINY + ["optimizer=nesterov", "trainer.max_epochs=3", "trainer.gradient_clip_val=0.5",
+                        "callbacks.checkpoint=false", *scheduler]
+    module, trainer = fit(overrides, tmp_path / "k")
+    assert trainer.global_step == 21
+    assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    """Stop after epoch 2 of 3, resume from last.ckpt: same step count, data order, dropout draws, schedule."""
+    base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]
+    full, full_trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "full")
+    fit(base + ["trainer.max_epochs=2"], tmp_path / "first")
+    resumed, trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "second",
+                           ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"))
+    assert trainer.global_step == full_trainer.global_step == 21
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001 * 0.7**3)
+    assert_same_parameters(resumed.net, full.net)
+
+
+def test_steps_per_call_changes_nothing_but_the_grouping(tmp_path):
+    """K = 1, 4 and auto (8, capped at the 7 batches of an epoch) give the same parameters; logging every
+    N optimizer steps, train metrics per epoch."""
+    runs = {}
+    for k in ("1", "4", "auto"):
+        module, trainer = fit(
+            TINY + [f"trainer.steps_per_call={k}", "trainer.max_epochs=2", "callbacks.checkpoint=false"],
+            tmp_path / k,
+        )
+        runs[k] = module
+        assert trainer.global_step == 14
+        assert 0 <= float(trainer.callback_metrics["train/acc"]) <= 1
+    assert runs["auto"].steps_per_call == 7
+    assert_same_parameters(runs["1"].net, runs["4"].net)
+    assert_same_parameters(runs["1"].net, runs["auto"].net)
+
+
+def test_limit_train_batches_counts_optimizer_steps(tmp_path):
+    _, trainer = fit(TINY + ["trainer.limit_train_batches=5", "trainer.max_epochs=2", "callbacks.checkpoint=false"],
+                     tmp_path)
+    assert trainer.global_step == 10
+
+
+def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert capture_blocker(cuda, torch.optim.Adam) is None
+    assert capture_blocker(cuda, torch.optim.SGD, "bf16-mixed") is None
+    assert "cpu" in capture_blocker(cpu, torch.optim.Adam)
+    from cifarlab.optim import Adam as CourseAdam
+
+    assert "no capturable form" in capture_blocker(cuda, CourseAdam)
+    assert "no capturable form" in capture_blocker(cuda, torch.optim.Adagrad)
+    assert "16-mixed" in capture_blocker(cuda, torch.optim.Adam, "16-mixed")
+    assert "DDP" in capture_blocker(cuda, torch.optim.Adam, world_size=2)
+    onecycle = torch.optim.lr_scheduler.OneCycleLR(
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)]), max_lr=0.1, total_steps=10
+    )
+    assert "momentum" in capture_blocker(cuda, torch.optim.Adam, scheduler=onecycle)
+    # trainer.capture=true where it cannot apply: one line naming the setting, before any work
+    for extra in (["trainer.accelerator=cpu"], ["optimizer=course/adam"], ["trainer=ddp"]):
+        with pytest.raises(ConfigError, match=r"trainer.capture=True is not allowed; allowed: auto or false here"):
+            validate(compose_train(["trainer.capture=true", *extra]))
+    for bad in ("trainer.steps_per_call=0", "trainer.capture=maybe"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            validate(compose_train([bad]))
