@@ -1,4 +1,13 @@
-"""Slot utilisation of the asynchronous sweeper against batch-synchronous trials (the stock plugin's way:
+"""The sweeper's benchmarks.
+
+1. Warm trial start (:func:`warm_start`): the same ``synthetic_tiny`` sweep (``python train.py -m``, no pruning)
+   with trials started the old way (``hydra.sweeper.launch=subprocess``: a fresh ``python train.py`` per trial) and
+   the warm way (``launch=fork``: forked from a preloaded server), one after the other in one run. Per-trial
+   overhead = (wall × slots − Σ the trials' ``duration_s``) / trials, where wall runs from the sweep process's
+   start to its last trial's end; trials per minute = trials / wall. On a GPU also the GPU's busy fraction during
+   the sweep (``nvidia-smi`` sampled every 0.2 s: mean utilisation).
+
+2. Slot utilisation of the asynchronous sweeper against batch-synchronous trials (the stock plugin's way:
 ``n_jobs`` trials at a time, the next batch only after the slowest one).
 
 Utilisation = time the slots spent running trials / (slots × wall time). Both modes run the same trials through
@@ -7,15 +16,19 @@ the same runner (:class:`cifarlab.sweeper.runner.Sweep`; ``sync_batches`` adds t
 - simulated: trials that sleep for deliberately varied durations (:mod:`cifarlab.sweeper.sleep_task`);
 - real (``--real``): short ``train.py`` trials (``hparams_search=synthetic_tiny``) of 1 or 5 epochs.
 
-    python -m cifarlab.sweeper.bench [--slots 2] [--real] [--json out.json]
+    python -m cifarlab.sweeper.bench [--slots 2] [--real] [--warm-start [N]] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +128,113 @@ def real(
     return out
 
 
+def _gpu_sampler(stop: threading.Event, samples: list[float]) -> None:
+    """Append the GPUs' mean utilisation (0-1) every 0.2 s until ``stop`` (nvidia-smi; no CUDA in this process)."""
+    smi = shutil.which("nvidia-smi")
+    while smi and not stop.is_set():
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.split()
+            values = [float(v) for v in out if v.replace(".", "", 1).isdigit()]
+            if values:
+                samples.append(sum(values) / len(values) / 100)
+        except (OSError, subprocess.SubprocessError):
+            return
+        stop.wait(0.2)
+
+
+def sweep_overhead(journal: Path, study_name: str, slots: int) -> dict[str, float]:
+    """Per-trial overhead and trials per minute of a finished sweep, from its journal and trial folders."""
+    import optuna
+
+    from cifarlab.sweeper.study import make_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=make_storage(f"journal:{journal}"))
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.datetime_complete]
+    started = min(rec["started"] for key, rec in study.user_attrs.items() if key.startswith("worker:"))
+    wall = max(t.datetime_complete.timestamp() for t in trials) - started
+    work = sum(float(t.user_attrs.get("metrics", {}).get("duration_s", 0.0)) for t in trials)
+    n = len(trials)
+    return {
+        "trials": n,
+        "wall_s": round(wall, 2),
+        "work_s": round(work, 2),
+        "overhead_per_trial_s": round((wall * slots - work) / max(n, 1), 2),
+        "trials_per_min": round(60 * n / wall, 2) if wall > 0 else 0.0,
+        "first_trial_start_s": round(min(t.datetime_start.timestamp() for t in trials) - started, 2),
+    }
+
+
+def warm_start(
+    n_trials: int = 8,
+    slots: int = 2,
+    workdir: str | None = None,
+    modes: tuple[str, ...] = ("subprocess", "fork"),
+) -> dict[str, Any]:
+    """The same synthetic_tiny sweep (no pruning) started the old way and the warm way, one after the other."""
+    root = Path(__file__).resolve().parents[3]
+    script = root / "train.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: run the warm-start benchmark from a cifarlab checkout")
+    out: dict[str, Any] = {"kind": "warm_start", "slots": slots, "n_trials": n_trials}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        env = {**os.environ, "CIFARLAB_DATA_DIR": str(Path(tmp) / "data"), "WANDB_MODE": "disabled"}
+        for mode in modes:
+            sweep_dir = Path(tmp) / mode
+            cmd = [
+                sys.executable,
+                str(script),
+                "-m",
+                "hparams_search=synthetic_tiny",
+                f"hydra.sweeper.n_trials={n_trials}",
+                f"hydra.sweeper.n_jobs={slots}",
+                "hydra/sweeper/pruner=none",
+                f"hydra.sweeper.launch={mode}",
+                "hydra.sweeper.plots=false",
+                f"hydra.sweep.dir={sweep_dir}",
+            ]
+            stop, samples = threading.Event(), []
+            sampler = threading.Thread(target=_gpu_sampler, args=(stop, samples), daemon=True)
+            sampler.start()
+            t0 = time.time()
+            result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
+            stop.set()
+            sampler.join()
+            if result.returncode != 0:
+                raise RuntimeError(f"the {mode} sweep failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+            figures = sweep_overhead(sweep_dir / "journal.log", "synthetic_tiny", slots)
+            figures["command_s"] = round(time.time() - t0, 2)
+            figures["gpu_busy"] = round(sum(samples) / len(samples), 3) if samples else None
+            out[mode] = figures
+    if "subprocess" in out and "fork" in out:
+        old, warm = out["subprocess"], out["fork"]
+        out["overhead_ratio"] = round(
+            old["overhead_per_trial_s"] / max(warm["overhead_per_trial_s"], 1e-9), 2
+        )
+        out["speedup"] = round(warm["trials_per_min"] / max(old["trials_per_min"], 1e-9), 2)
+    return out
+
+
+def describe_warm_start(result: dict[str, Any]) -> str:
+    parts = []
+    for mode, label in (("subprocess", "subprocess (old)"), ("fork", "warm fork")):
+        r = result.get(mode)
+        if r:
+            gpu = f", GPU busy {r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
+            parts.append(
+                f"{label}: {r['overhead_per_trial_s']:.1f} s overhead per trial, {r['trials_per_min']:.1f} "
+                f"trials/min, first trial after {r['first_trial_start_s']:.1f} s{gpu}"
+            )
+    head = f"sweep start-up ({result['n_trials']} synthetic_tiny trials, {result['slots']} slots): "
+    tail = f" → {result['speedup']:.2f}x trials/min" if "speedup" in result else ""
+    return head + "; ".join(parts) + tail
+
+
 def describe(result: dict[str, Any]) -> str:
     a, s = result["async"], result["sync"]
     return (
@@ -137,12 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--real", action="store_true", help="also run short train.py trials (a few minutes on a CPU)"
     )
+    parser.add_argument(
+        "--warm-start",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        metavar="N",
+        help="also run an N-trial synthetic_tiny sweep the old way and the warm way (default N: 8; minutes)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     t0 = time.time()
     results = run_bench(args.slots, args.real)
     for r in results:
         print(describe(r), flush=True)
+    if args.warm_start:
+        results.append(warm_start(args.warm_start, args.slots))
+        print(describe_warm_start(results[-1]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

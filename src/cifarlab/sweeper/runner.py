@@ -1,11 +1,13 @@
-"""The asynchronous sweep loop: ask Optuna for a trial whenever a device slot is free, run it as a subprocess,
-tell Optuna its outcome when it exits. No batch barrier: a new trial starts as soon as any slot frees.
+"""The asynchronous sweep loop: ask Optuna for a trial whenever a device slot is free, start it, tell Optuna its
+outcome when it exits. No batch barrier: a new trial starts as soon as any slot frees. Orchestration only:
 
-A trial is ``<task_command> <overrides> hydra.run.dir=<sweep_dir>/trial_<number>``, run in its own process
-group with the slot's ``CUDA_VISIBLE_DEVICES``/``OMP_NUM_THREADS`` and the ``CIFARLAB_OPTUNA_*`` variables that
-let it report to its trial (:mod:`cifarlab.sweeper.trial`). Its outcome is read from
-``<job_dir>/metrics.json`` (``status``: completed / pruned / failed / interrupted, the objective metrics,
-``error``), or, when there is none, from its exit code and the end of ``trial.log``.
+- a trial runs the task with ``<overrides> hydra.run.dir=<sweep_dir>/trial_<number>`` in its own process (group),
+  with the slot's ``CUDA_VISIBLE_DEVICES``/``OMP_NUM_THREADS`` and the ``CIFARLAB_OPTUNA_*`` variables that let it
+  report to its trial (:mod:`cifarlab.sweeper.trial`); it starts warm, forked from a server that has imported the
+  task's libraries (:mod:`cifarlab.sweeper.launch_fork`), or cold, as ``task_command``
+  (:mod:`cifarlab.sweeper.launch_subprocess`);
+- its outcome is read from its folder (:mod:`cifarlab.sweeper.outcome`): ``metrics.json``, the task function's
+  return value (``trial_result.json``), or its exit code and the end of ``trial.log``.
 
 :func:`run_sweep` is the whole of one sweep process; several of them (here, on other machines, or as Hydra
 launcher jobs: ``hydra.sweeper.workers``) cooperate on one study through its storage.
@@ -14,24 +16,24 @@ launcher jobs: ``hydra.sweeper.workers``) cooperate on one study through its sto
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import importlib.util
 import inspect
-import json
 import logging
 import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifarlab.sweeper import ENV_MONITOR, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL, ENV_TRIAL_NUMBER
+from cifarlab.sweeper.launch_subprocess import SubprocessLauncher, signal_group, trial_env
+from cifarlab.sweeper.outcome import finite as _finite
+from cifarlab.sweeper.outcome import log_error, read_outcome
+from cifarlab.sweeper.settings import SweepError, SweepSettings
 from cifarlab.sweeper.slots import Slot, SlotPool, plan_slots
 from cifarlab.sweeper.space import build_space, value_text
 from cifarlab.sweeper.study import (
@@ -60,64 +62,14 @@ from cifarlab.sweeper.study import (
 log = logging.getLogger("cifarlab.sweeper")
 
 
-class SweepError(RuntimeError):
-    """The sweep cannot start or had to stop (too many failures); the message says why."""
-
-
-@dataclass
-class SweepSettings:
-    """Everything one sweep process needs (plain data: it travels to launcher jobs by pickle)."""
-
-    study_name: str
-    storage: str  # normalised spec (cifarlab.sweeper.study.storage_spec)
-    sweep_dir: str
-    task_command: list[str]  # e.g. [python, /abs/train.py]
-    directions: list[str] = field(default_factory=lambda: ["maximize"])
-    objectives: list[str] = field(default_factory=lambda: ["val/acc_best"])  # keys of metrics.json
-    monitor: str | None = "val/acc"  # reported every epoch for pruning; None: no reports
-    sampler: dict[str, Any] | None = None  # {"_target_": "optuna.samplers.TPESampler", **kwargs}
-    pruner: dict[str, Any] | None = None  # {"_target_": "optuna.pruners.MedianPruner", **kwargs}
-    n_trials: int = 20
-    params: dict[str, Any] = field(default_factory=dict)
-    conditional: dict[str, Any] = field(default_factory=dict)
-    context: dict[str, Any] = field(default_factory=dict)  # config values of `when` keys not searched
-    arguments: list[str] = field(default_factory=list)  # the command line's task overrides
-    child_overrides: list[str] = field(default_factory=list)  # appended to every trial (hydra.* settings)
-    task_cwd: str = "."
-    devices: Any = "auto"
-    n_jobs: int | None = None
-    trials_per_gpu: int = 1
-    gpus_per_trial: int = 1
-    threads_per_trial: int | None = None
-    max_failure_rate: float = 0.25
-    max_retries: int = 3
-    custom_search_space: str | None = None
-    sweep_config: Any = None  # the composed config, for custom_search_space(cfg, trial)
-    enqueue_trials: list[dict[str, Any]] = field(default_factory=list)
-    set_logger_group: bool = True  # pass logger.group=<study_name>
-    set_run_name: bool = True  # pass run_name=<study_name>-<number>
-    trial_timeout: float | None = None  # seconds; a trial running longer is killed and FAILs
-    poll_interval: float = 0.2
-    heartbeat_interval: float = 30.0
-    stale_after: float = 300.0
-    kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL when stopping trials
-    plots: bool = True
-    sync_batches: bool = False  # batch-synchronous (only for the benchmark): wait for every slot to free
-    extra_env: dict[str, str] = field(default_factory=dict)
-    logger_cfg: dict[str, Any] | None = None  # the task's logger config, for the W&B sweep summary
-    wandb_summary: bool = True  # call cifarlab.loggers.log_sweep_summary at the end (when it exists)
-    quiet: bool = False
-
-
 @dataclass
 class Running:
     number: int
     trial_id: int
     slot: Slot
     job_dir: Path
-    proc: Any
+    proc: Any  # subprocess.Popen or launch_fork.ForkedTrial: pid, poll(), wait(), send_signal()
     started: float
-    log_file: Any
     killed_by_us: bool = False
     timed_out: bool = False
 
@@ -170,29 +122,6 @@ def instantiate_target(config: Mapping[str, Any], what: str = "object") -> Any:
     return cls(**cfg)
 
 
-def _libc_prctl() -> Any:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None
-
-
-def _child_setup(parent: int) -> Any:
-    """In the forked child: die with the sweep process (PR_SET_PDEATHSIG), so that a killed sweep leaves no
-    orphan trials writing to the study."""
-
-    def setup() -> None:
-        if _PRCTL is not None:
-            _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the sweep died before prctl
-            os._exit(1)
-
-    return setup
-
-
 def claim_dir(sweep_dir: Path, number: int) -> Path:
     """Create a fresh job folder for trial ``number``: ``trial_0007`` (``trial_0007-1`` if that exists, ...)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -207,42 +136,6 @@ def claim_dir(sweep_dir: Path, number: int) -> Path:
     raise SweepError(f"cannot create a job folder for trial {number} in {sweep_dir}")
 
 
-def read_metrics(job_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((job_dir / "metrics.json").read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
-def log_error(log_path: Path, returncode: int) -> str:
-    """A one-line cause from a trial's exit code and the end of its log."""
-    try:
-        lines = [ln.rstrip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        lines = []
-    tail = lines[-30:]
-    cause = ""
-    for ln in reversed(tail):
-        low = ln.lower()
-        if low.startswith("error") or "error:" in low or "exception" in low or low.startswith("killed"):
-            cause = ln.strip()
-            break
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        head = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
-    else:
-        head = f"exited with code {returncode}"
-    return f"{head}: {cause}" if cause else (f"{head}; log: {tail[-1]}" if tail else head)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # ---- the sweep --------------------------------------------------------------------------------------------
 
 
@@ -250,16 +143,9 @@ class Sweep:
     def __init__(self, settings: SweepSettings, slots: list[Slot] | None = None) -> None:
         self.s = settings
         self.sweep_dir = Path(settings.sweep_dir)
-        self.slots = SlotPool(
-            slots
-            or plan_slots(
-                settings.devices,
-                settings.n_jobs,
-                settings.trials_per_gpu,
-                settings.gpus_per_trial,
-                threads_per_trial=settings.threads_per_trial,
-            )
-        )
+        self.packing = ""  # what trials_per_gpu=auto chose, and why
+        self.slots = SlotPool(slots or self._plan_slots())
+        self.launcher = _launcher(settings)
         self.space, self.base_overrides = build_space(
             settings.params, settings.arguments, settings.conditional, settings.context
         )
@@ -275,7 +161,12 @@ class Sweep:
         if settings.custom_search_space:
             from hydra.utils import get_method
 
-            self._custom = get_method(settings.custom_search_space)
+            try:
+                self._custom = get_method(settings.custom_search_space)
+            except Exception as err:
+                raise SweepError(
+                    f"hydra.sweeper.custom_search_space={settings.custom_search_space!r}: cannot import it: {err}"
+                ) from None
         from cifarlab.sweeper.results import Console
 
         self.out = Console(self.sweep_dir / "sweep.log", quiet=settings.quiet)
@@ -283,6 +174,33 @@ class Sweep:
         self.dedupe = Dedupe(None if self._custom else self.space, self.out.say, seed)
 
     # -- set-up ------------------------------------------------------------------------------------------
+
+    def _plan_slots(self) -> list[Slot]:
+        s = self.s
+        per_gpu = s.trials_per_gpu
+        if per_gpu == "auto":
+            from cifarlab.sweeper.slots import auto_trials_per_gpu
+
+            per_gpu, self.packing = auto_trials_per_gpu(s.devices, s.gpus_per_trial, s.trial_memory_gb)
+        return plan_slots(
+            s.devices, s.n_jobs, per_gpu, s.gpus_per_trial, threads_per_trial=s.threads_per_trial
+        )
+
+    def _warm_data_cache(self) -> None:
+        """Decode the task's dataset into its cache once, before any trial would (``cifarlab.datacache``)."""
+        data = self.s.data_config
+        if (
+            not data
+            or data.get("name") == "synthetic"
+            or importlib.util.find_spec("cifarlab.datacache") is None
+        ):
+            return  # synthetic data is generated, not decoded
+        started = time.time()
+        error = self.launcher.call("cifarlab.datacache:warm_cache", self.s.data_config)
+        if error:  # the trials then decode (and report any error) themselves
+            self.out.say(f"  data cache not warmed: {error}")
+        elif time.time() - started > 1:
+            self.out.say(f"  data cache warmed in {time.time() - started:.1f}s")
 
     def _sampler(self, others_alive: bool, n_existing: int = 0) -> Any:
         cfg = dict(self.s.sampler or {"_target_": "optuna.samplers.TPESampler"})
@@ -319,6 +237,7 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         t0 = time.time()
+        self.launcher.start()  # a warm launcher's server imports meanwhile
         storage = make_storage(self.s.storage)
         study = open_study(self.s.storage, self.s.study_name, self.s.directions, storage=storage)
         heartbeat(study, self.me, len(self.slots), t0)
@@ -337,6 +256,7 @@ class Sweep:
             study, self.me, self.s.stale_after, self.s.max_retries, self._recover_finished
         )
         self._header(study, recovered, others)
+        self._warm_data_cache()
 
         previous = self._install_signals()
         last_beat = last_stale = time.time()
@@ -375,6 +295,7 @@ class Sweep:
                 self._stop_all(study)
             finally:
                 self._restore_signals(previous)
+                self.launcher.close()
                 wall = time.time() - t0
                 report = self._finish_sweep(study, wall)
         return report
@@ -389,6 +310,11 @@ class Sweep:
             f"({', '.join(self.s.directions)})"
         )
         self.out.say(f"  {len(self.slots)} slot(s): {slots}; trials in {self.sweep_dir}/trial_<number>")
+        if self.packing:
+            self.out.say(f"  trials_per_gpu=auto: {self.packing}")
+        how = "warm (forked from a preloaded server)" if self.launcher.name == "fork" else "as subprocesses"
+        note = f" ({self.s.launch_note})" if self.s.launch_note else ""
+        self.out.say(f"  trials start {how}{note}")
         if others:
             self.out.say(f"  sharing the study with {len(others)} other live sweep process(es)")
         if recovered:
@@ -432,40 +358,24 @@ class Sweep:
         trial.set_user_attr(JOB_DIR, str(job_dir))
         trial.set_user_attr(SLOT, slot.name)
         trial.set_user_attr(OVERRIDES, overrides)
-        env = dict(os.environ)
-        env.update(slot.env())
-        env.update(self.s.extra_env)
-        env.update(
-            {
-                ENV_STORAGE: self.s.storage,
-                ENV_STUDY: self.s.study_name,
-                ENV_TRIAL: str(trial._trial_id),
-                ENV_TRIAL_NUMBER: str(trial.number),
-                "PYTHONUNBUFFERED": "1",
-                "HYDRA_FULL_ERROR": "1",
-            }
+        env = trial_env(
+            os.environ,
+            slot.env(),
+            self.s.extra_env,
+            self.s.storage,
+            self.s.study_name,
+            trial._trial_id,
+            trial.number,
+            self.s.monitor,
+            self.s.pruner,
         )
-        if self.s.monitor:
-            env[ENV_MONITOR] = self.s.monitor
-            env[ENV_PRUNER] = json.dumps(self.s.pruner or None)
-        else:
-            env.pop(ENV_MONITOR, None)
-            env.pop(ENV_PRUNER, None)
-        log_path = job_dir / "trial.log"
-        log_file = open(log_path, "w")  # noqa: SIM115 (closed when the trial is reaped)
-        cmd = list(self.s.task_command) + overrides
-        log_file.write("$ " + " ".join(cmd) + "\n")
-        log_file.flush()
         try:
-            proc = _popen(cmd, self.s.task_cwd, env, log_file)
+            proc = self.launcher.launch(overrides, env, job_dir / "trial.log", slot.threads)
         except OSError as err:
-            log_file.close()
             self.slots.release(slot, trial.number)
-            fail_trial(study, trial.number, "launch", f"cannot start {cmd[0]}: {err}")
-            raise SweepError(f"cannot start the trial command {cmd[:2]}: {err}") from err
-        self.running[trial.number] = Running(
-            trial.number, trial._trial_id, slot, job_dir, proc, time.time(), log_file
-        )
+            fail_trial(study, trial.number, "launch", f"cannot start the trial ({self.launcher.name}): {err}")
+            raise SweepError(f"cannot start trial {trial.number} ({self.launcher.name}): {err}") from err
+        self.running[trial.number] = Running(trial.number, trial._trial_id, slot, job_dir, proc, time.time())
         self.launched.append(trial.number)
         return True
 
@@ -490,7 +400,7 @@ class Sweep:
             if rc is None:
                 if self.s.trial_timeout and not run.timed_out and now - run.started > self.s.trial_timeout:
                     run.timed_out = True
-                    _signal_group(run.proc, signal.SIGKILL)
+                    signal_group(run.proc, signal.SIGKILL)
                 continue
             self._finish_trial(study, run, rc)
             done = True
@@ -499,8 +409,7 @@ class Sweep:
     def _finish_trial(self, study: Any, run: Running, rc: int) -> None:
         duration = time.time() - run.started
         self.busy_s += duration
-        run.log_file.close()
-        metrics = read_metrics(run.job_dir)
+        metrics = self._outcome(run.job_dir)
         trial = _trial_handle(study, run.trial_id)
         attrs: dict[str, Any] = {"exit_code": rc, "wall_s": round(duration, 3)}
         if metrics:
@@ -586,7 +495,7 @@ class Sweep:
         """A trial of a dead sweep process that finished anyway (its metrics.json says so) is recorded as such
         instead of being re-run. True when recorded (here or by another process)."""
         job_dir = frozen.user_attrs.get(JOB_DIR)
-        metrics = read_metrics(Path(job_dir)) if job_dir else None
+        metrics = self._outcome(Path(job_dir)) if job_dir else None
         if not metrics or metrics.get("status") not in ("completed", "pruned", "failed"):
             return False
         attrs: dict[str, Any] = {METRICS: {k: v for k, v in metrics.items() if _finite(v)}, "recovered": True}
@@ -600,6 +509,9 @@ class Sweep:
         except (ValueError, RuntimeError):  # finished by another process meanwhile
             pass
         return True
+
+    def _outcome(self, job_dir: Path) -> dict[str, Any] | None:
+        return read_outcome(job_dir, self.s.objectives, self.s.objective_source == "return")
 
     def _fail(self, study: Any, run: Running, reason: str, error: str, attrs: dict[str, Any]) -> str:
         fail_trial(study, run.number, reason, error, retry=False, extra=attrs)
@@ -653,7 +565,7 @@ class Sweep:
             self.stop_reason = "interrupted"
         for run in self.running.values():
             run.killed_by_us = True
-            _signal_group(run.proc, signal.SIGTERM)
+            signal_group(run.proc, signal.SIGTERM)
         deadline = time.time() + self.s.kill_grace
         try:
             while self.running and time.time() < deadline:
@@ -662,7 +574,7 @@ class Sweep:
         except KeyboardInterrupt:
             pass
         for run in list(self.running.values()):
-            _signal_group(run.proc, signal.SIGKILL)
+            signal_group(run.proc, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 run.proc.wait(timeout=10)
         while self.running:
@@ -698,25 +610,15 @@ def _trial_handle(study: Any, trial_id: int) -> Any:
     return optuna.trial.Trial(study, trial_id)
 
 
-def _popen(cmd: list[str], cwd: str, env: dict[str, str], log_file: Any) -> Any:
-    return subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=_child_setup(os.getpid()),
-    )
+def _launcher(settings: SweepSettings) -> Any:
+    if settings.launch == "fork":
+        from cifarlab.sweeper.launch_fork import DEFAULT_PRELOAD, ForkLauncher
 
-
-def _signal_group(proc: Any, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)  # the trial and its data-loader workers
-    except (ProcessLookupError, PermissionError):
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+        preload = settings.preload
+        if preload is None:  # torch, Lightning, cifarlab for a Lightning-style task (it has a trainer)
+            preload = DEFAULT_PRELOAD if settings.lightning_task else []
+        return ForkLauncher(settings.warm_task, settings.task_cwd, preload)
+    return SubprocessLauncher(settings.task_command, settings.task_cwd)
 
 
 def run_sweep(settings: SweepSettings, slots: list[Slot] | None = None) -> SweepReport:

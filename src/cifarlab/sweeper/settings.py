@@ -5,12 +5,72 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cifarlab.sweeper.runner import SweepError, SweepSettings
 from cifarlab.sweeper.space import when_keys
 from cifarlab.sweeper.study import storage_spec
+
+LAUNCH_MODES = ("auto", "fork", "subprocess")
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or had to stop (too many failures); the message says why."""
+
+
+@dataclass
+class SweepSettings:
+    """Everything one sweep process needs (plain data: it travels to launcher jobs by pickle)."""
+
+    study_name: str
+    storage: str  # normalised spec (cifarlab.sweeper.study.storage_spec)
+    sweep_dir: str
+    task_command: list[str]  # e.g. [python, /abs/train.py]: how a subprocess trial starts
+    directions: list[str] = field(default_factory=lambda: ["maximize"])
+    objectives: list[str] = field(default_factory=lambda: ["val/acc_best"])  # keys of metrics.json
+    objective_source: str = "metrics"  # metrics: keys of metrics.json; return: the task's return value
+    launch: str = "subprocess"  # fork: warm trials (launch_fork); subprocess: task_command
+    launch_note: str = ""  # why trials start the way they do, when it is not the default
+    warm_task: Any = None  # a cifarlab.sweeper.launch_fork.WarmTask when launch == "fork"
+    preload: list[str] | None = None  # modules the fork server imports; None: see lightning_task
+    lightning_task: bool = False  # the task config has a `trainer` node: preload torch, Lightning, cifarlab
+    monitor: str | None = "val/acc"  # reported every epoch for pruning; None: no reports
+    sampler: dict[str, Any] | None = None  # {"_target_": "optuna.samplers.TPESampler", **kwargs}
+    pruner: dict[str, Any] | None = None  # {"_target_": "optuna.pruners.MedianPruner", **kwargs}
+    n_trials: int = 20
+    params: dict[str, Any] = field(default_factory=dict)
+    conditional: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, Any] = field(default_factory=dict)  # config values of `when` keys not searched
+    arguments: list[str] = field(default_factory=list)  # the command line's task overrides
+    child_overrides: list[str] = field(default_factory=list)  # appended to every trial (hydra.* settings)
+    task_cwd: str = "."
+    devices: Any = "auto"
+    n_jobs: int | None = None
+    trials_per_gpu: int | str = 1  # or "auto" (cifarlab.sweeper.slots.pack_trials)
+    trial_memory_gb: float | None = None  # GPU memory of one trial, for trials_per_gpu=auto
+    gpus_per_trial: int = 1
+    threads_per_trial: int | None = None
+    max_failure_rate: float = 0.25
+    max_retries: int = 3
+    custom_search_space: str | None = None
+    sweep_config: Any = None  # the composed config, for custom_search_space(cfg, trial)
+    data_config: dict[str, Any] | None = None  # the task's `data` node (decoded-data cache warmed once)
+    enqueue_trials: list[dict[str, Any]] = field(default_factory=list)
+    set_logger_group: bool = True  # pass logger.group=<study_name>
+    set_run_name: bool = True  # pass run_name=<study_name>-<number>
+    trial_timeout: float | None = None  # seconds; a trial running longer is killed and FAILs
+    poll_interval: float = 0.05
+    heartbeat_interval: float = 30.0
+    stale_after: float = 300.0
+    kill_grace: float = 10.0  # seconds between SIGTERM and SIGKILL when stopping trials
+    plots: bool = True
+    sync_batches: bool = False  # batch-synchronous (only for the benchmark): wait for every slot to free
+    extra_env: dict[str, str] = field(default_factory=dict)
+    logger_cfg: dict[str, Any] | None = None  # the task's logger config, for the W&B sweep summary
+    wandb_summary: bool = True  # call cifarlab.loggers.log_sweep_summary at the end (when it exists)
+    quiet: bool = False
+
 
 # hydra overrides of the sweep command that must not reach a trial (it is a plain run in its own folder)
 _NOT_FOR_TRIALS = (
@@ -65,8 +125,15 @@ def trial_hydra_overrides(hydra_overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def settings_from_hydra(conf: Mapping[str, Any], config: Any, arguments: Sequence[str]) -> SweepSettings:
-    """``conf``: the sweeper's settings (hydra.sweeper without _target_); ``config``: the composed sweep config."""
+def settings_from_hydra(
+    conf: Mapping[str, Any],
+    config: Any,
+    arguments: Sequence[str],
+    task_function: Any = None,
+    search_path: Sequence[Any] = (),
+) -> SweepSettings:
+    """``conf``: the sweeper's settings (hydra.sweeper without _target_); ``config``: the composed sweep config;
+    ``task_function`` and Hydra's config ``search_path``: for warm trials (None: trials are subprocesses)."""
     from omegaconf import DictConfig, OmegaConf
 
     conf = {k: _container(v) for k, v in dict(conf).items()}
@@ -77,8 +144,18 @@ def settings_from_hydra(conf: Mapping[str, Any], config: Any, arguments: Sequenc
     study_name = conf.get("study_name") or choices.get("hparams_search") or "cifarlab_optuna"
     study_name = str(study_name).replace("/", "_")
     directions = directions_of(conf.get("direction", "maximize"))
+    launch, warm_task, launch_note = _launch_mode(conf, config, task_function, search_path)
     objectives = conf.get("objectives")
-    if objectives is None:
+    objective_source = "metrics"
+    if objectives is None and launch == "fork":
+        objective_source = (
+            "return"  # the task function's return value, named after optimized_metric when there is one
+        )
+        if len(directions) == 1:
+            objectives = [str(config.get("optimized_metric") or "value")]
+        else:
+            objectives = [f"value_{i}" for i in range(len(directions))]
+    elif objectives is None:
         objectives = [str(config.get("optimized_metric", "val/acc_best"))]
     elif isinstance(objectives, str):
         objectives = [objectives]
@@ -133,6 +210,12 @@ def settings_from_hydra(conf: Mapping[str, Any], config: Any, arguments: Sequenc
         task_command=task_command,
         directions=directions,
         objectives=objectives,
+        objective_source=objective_source,
+        launch=launch,
+        launch_note=launch_note,
+        warm_task=warm_task,
+        preload=[str(m) for m in conf["preload"]] if conf.get("preload") is not None else None,
+        lightning_task="trainer" in config,
         monitor=monitor,
         sampler=sampler,
         pruner=pruner,
@@ -145,13 +228,15 @@ def settings_from_hydra(conf: Mapping[str, Any], config: Any, arguments: Sequenc
         task_cwd=cwd,
         devices=conf.get("devices", "auto"),
         n_jobs=int(n_jobs) if n_jobs else None,
-        trials_per_gpu=int(conf.get("trials_per_gpu", 1)),
+        trials_per_gpu=_trials_per_gpu(conf.get("trials_per_gpu", "auto")),
+        trial_memory_gb=_optional_float(conf.get("trial_memory_gb"), "trial_memory_gb"),
         gpus_per_trial=int(conf.get("gpus_per_trial", 1)),
         threads_per_trial=conf.get("threads_per_trial"),
         max_failure_rate=_rate(conf.get("max_failure_rate", 0.25)),
         max_retries=int(conf.get("max_retries", 3)),
         custom_search_space=conf.get("custom_search_space"),
         sweep_config=config if conf.get("custom_search_space") else None,
+        data_config=_container(config.data) if isinstance(config.get("data"), DictConfig) else None,
         enqueue_trials=list(conf.get("enqueue_trials") or []),
         set_logger_group=logger_cfg is not None and "group" in config.logger,
         set_run_name="run_name" in config,
@@ -170,3 +255,56 @@ def _rate(value: Any) -> float:
     if not 0.0 <= rate <= 1.0:
         raise SweepError(f"hydra.sweeper.max_failure_rate={value!r}: allowed: 0 <= rate <= 1")
     return rate
+
+
+def _launch_mode(
+    conf: Mapping[str, Any], config: Any, task_function: Any, search_path: Sequence[Any]
+) -> tuple:
+    """(launch, warm task or None, note): trials start warm (forked) unless they cannot or must not."""
+    mode = str(conf.get("launch") or "auto")
+    if mode not in LAUNCH_MODES:
+        raise SweepError(f"hydra.sweeper.launch={mode!r} is not allowed; allowed: {', '.join(LAUNCH_MODES)}")
+    if mode == "subprocess":
+        return "subprocess", None, "hydra.sweeper.launch=subprocess"
+    why = ""
+    if conf.get("task_command"):
+        why = "hydra.sweeper.task_command is set"
+    elif int(conf.get("workers") or 0) > 0:
+        why = "sweep processes run as launcher jobs (hydra.sweeper.workers)"
+    elif task_function is None:
+        why = "no task function"
+    else:
+        from cifarlab.sweeper.launch_fork import warm_task_of
+
+        task, why = warm_task_of(task_function, config, search_path)
+        if task is not None:
+            return "fork", task, ""
+    if mode == "fork":
+        raise SweepError(f"hydra.sweeper.launch=fork is not possible: {why}; allowed: auto, subprocess")
+    return "subprocess", None, why
+
+
+def _trials_per_gpu(value: Any) -> int | str:
+    if str(value) == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(n) != str(value).strip():
+        raise SweepError(
+            f"hydra.sweeper.trials_per_gpu={value!r} is not allowed; allowed: auto or an integer >= 1"
+        )
+    return n
+
+
+def _optional_float(value: Any, key: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0:
+        raise SweepError(f"hydra.sweeper.{key}={value!r} is not allowed; allowed: null or a number > 0")
+    return number

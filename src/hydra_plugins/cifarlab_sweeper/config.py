@@ -18,10 +18,14 @@ class CifarlabOptunaSweeperConf:
     _recursive_: bool = False  # sampler/pruner reach the sweeper as configs (trials rebuild the pruner)
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
 
-    sampler: Any = MISSING  # hydra/sweeper/sampler: tpe | random | cmaes | grid | nsgaii (or {_target_: ...})
+    sampler: Any = (
+        MISSING  # hydra/sweeper/sampler: tpe | random | cmaes | grid | nsgaii | gp | qmc (or {_target_: ...})
+    )
     pruner: Any = MISSING  # hydra/sweeper/pruner: median | successive_halving | hyperband | none
     direction: Any = "maximize"  # maximize | minimize | a list, one per objective
-    objectives: list[str] | None = None  # metrics.json keys; None: [optimized_metric]
+    objectives: list[str] | None = (
+        None  # metrics.json keys; None: the task function's return value (warm trials)
+    )
     monitor: str | None = None  # reported every epoch for pruning; None: val/acc (val/loss when minimizing)
     study_name: str | None = None  # None: the hparams_search option's name (stable across re-runs)
     storage: str | None = (
@@ -30,7 +34,10 @@ class CifarlabOptunaSweeperConf:
     n_trials: int = 20  # in total, over every sweep process sharing the study, including earlier runs
     n_jobs: int | None = None  # parallel trials without GPUs (CPU slots); None: 1
     devices: Any = "auto"  # auto (every visible GPU, else CPU) | cpu | gpu | a list of GPU ids
-    trials_per_gpu: int = 1  # trials sharing one GPU (small models leave a big GPU idle)
+    trials_per_gpu: Any = (
+        "auto"  # trials sharing one GPU; auto: as many as add images/s and fit (docs/sweeper.md)
+    )
+    trial_memory_gb: float | None = None  # GPU memory one trial needs, for trials_per_gpu=auto; None: 2 GB
     gpus_per_trial: int = 1
     threads_per_trial: int | None = None  # OMP_NUM_THREADS of a trial; None: cores // slots
     max_failure_rate: float = 0.25  # stop when more than this fraction of n_trials has failed in this run
@@ -42,7 +49,13 @@ class CifarlabOptunaSweeperConf:
     custom_search_space: str | None = None  # dotted path of fn(cfg, trial) suggesting more parameters
     enqueue_trials: list[Any] = field(default_factory=list)  # parameter sets to try first ({key: value})
     workers: int = 0  # >0: run that many sweep processes as jobs of hydra.launcher (e.g. submitit on SLURM)
-    task_command: list[str] | None = None  # None: [python, <the script>, --config-name=<name>]
+    task_command: list[str] | None = None  # set: every trial is this command (a subprocess) + its overrides
+    launch: str = (
+        "auto"  # auto: warm trials forked from a preloaded server where possible | fork | subprocess
+    )
+    preload: list[str] | None = (
+        None  # modules the warm trials' server imports; None: torch, lightning, cifarlab
+    )
     trial_timeout: float | None = None  # seconds; a trial running longer is killed and FAILs
     heartbeat_interval: float = 30.0  # seconds between a sweep process's liveness records
     stale_after: float = (
@@ -74,6 +87,10 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     },
     "grid": {"_target_": "optuna.samplers.GridSampler", "seed": None},  # search_space: built from params
     "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": None, "population_size": 20},
+    # Gaussian-process Bayesian optimisation (needs torch and scipy); best for few, expensive trials
+    "gp": {"_target_": "optuna.samplers.GPSampler", "seed": None, "n_startup_trials": 10},
+    # quasi-random (Sobol) points that cover the space evenly (needs scipy)
+    "qmc": {"_target_": "optuna.samplers.QMCSampler", "seed": None, "qmc_type": "sobol", "scramble": True},
 }
 
 PRUNERS: dict[str, dict[str, Any]] = {

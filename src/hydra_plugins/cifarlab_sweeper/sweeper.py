@@ -15,10 +15,14 @@ class CifarlabOptunaSweeper(Sweeper):
         self.conf = conf
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
+        self.task_function = (
+            task_function  # warm trials run it in forked processes (cifarlab.sweeper.launch_fork)
+        )
 
     def sweep(self, arguments: list[str]) -> Any:
         from cifarlab.sweeper.runner import SweepError, run_sweep, worker_main
@@ -29,7 +33,8 @@ class CifarlabOptunaSweeper(Sweeper):
 
         assert self.config is not None and self.hydra_context is not None
         try:
-            settings = settings_from_hydra(self.conf, self.config, arguments)
+            search_path = self.hydra_context.config_loader.get_search_path().get_path()
+            settings = settings_from_hydra(self.conf, self.config, arguments, self.task_function, search_path)
             workers = int(self.conf.get("workers") or 0)
             if workers <= 0:
                 return run_sweep(settings)
