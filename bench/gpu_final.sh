@@ -1,0 +1,20 @@
+# The GPU measurement of issue 10, in one script: `source .gpu/setup.sh && bash bench/gpu_final.sh` (~6 min on an
+# H100/H200). Writes under $OUT: smoke (captured vs eager check), bench64 (batch 64 fp32, the course's setting),
+# bench512 (batch 512 bf16, augmentation), seed_baseline (the course's 50-epoch run, captured).
+set -u
+OUT=${OUT:-/tmp/final}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 60 python3 bench/gpu_step_check.py --steps 60 --out "$OUT/step_check.json" > "$OUT/step_check.txt" 2>&1
+tail -6 "$OUT/step_check.txt"
+timeout 150 python3 -m cifarlab.bench --images 45000 --repeats 3 --batch-size 64 --precision 32 --data cifar10 \
+  --trials 1 --trial-batch-size 64 --no-seed-baseline --no-startup --no-sweeper --out "$OUT/bench64.json" \
+  > "$OUT/bench64.txt" 2>&1; tail -12 "$OUT/bench64.txt"
+timeout 90 python3 -m cifarlab.bench --images 45000 --repeats 3 --batch-size 512 --precision bf16-mixed --data cifar10 \
+  --skip reference --trials none --no-seed-baseline --no-startup --no-sweeper --out "$OUT/bench512.json" \
+  > "$OUT/bench512.txt" 2>&1; tail -10 "$OUT/bench512.txt"
+start=$(date +%s.%N)
+timeout 120 python3 train.py experiment=seed_baseline logger=none callbacks.figures=false hydra.run.dir=/tmp/seed_baseline \
+  > "$OUT/seed_baseline.txt" 2>&1
+echo "wall_s $(echo "$(date +%s.%N) - $start" | bc)" >> "$OUT/seed_baseline.txt"
+cp /tmp/seed_baseline/metrics.json "$OUT/seed_baseline_metrics.json" 2>/dev/null
+tail -5 "$OUT/seed_baseline.txt"
