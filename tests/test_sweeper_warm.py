@@ -114,7 +114,7 @@ import time
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-PRELOADED = None
+IMPORTED_BY = os.getpid()  # the fork server's pid when the server imported this script
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="app")
@@ -124,6 +124,7 @@ def main(cfg):
         "pid": os.getpid(),
         "pgid": os.getpgid(0),
         "optuna_preloaded": "optuna" in sys.modules,
+        "script_preloaded": IMPORTED_BY != os.getpid(),
         "omp": os.environ.get("OMP_NUM_THREADS"),
         "cwd": os.getcwd(),
         "output_dir": out,
@@ -201,13 +202,14 @@ def test_plain_app_single_objective_from_the_return_value(tmp_path):
     result = _sweep(
         tmp_path, "hydra/sweeper/sampler=qmc", "hydra.sweeper.custom_search_space=app_space.extend"
     )
-    assert result.returncode != 0 and "app_space" in result.stderr  # a missing function: a clear error
+    # a missing function: one clear line, exit code 1
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: hydra.sweeper.custom_search_space='app_space.extend': cannot import it" in result.stderr
     (tmp_path / "app_space.py").write_text(
         "def extend(cfg, trial):\n    trial.suggest_categorical('sleep', [0.1, 0.2])\n"
     )
-    result = _sweep(
-        tmp_path, "hydra/sweeper/sampler=qmc", "hydra.sweeper.custom_search_space=app_space.extend"
-    )
+    gp = ["hydra/sweeper/sampler=gp", "hydra.sweeper.sampler.n_startup_trials=3"]  # GP fits from trial 3 on
+    result = _sweep(tmp_path, *gp, "hydra.sweeper.custom_search_space=app_space.extend")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "trials start warm" in result.stdout
     trials = _trials(tmp_path)
@@ -221,7 +223,8 @@ def test_plain_app_single_objective_from_the_return_value(tmp_path):
         assert t.value == pytest.approx((t.params["x"] - 0.3) ** 2 + t.params["y"])
         assert t.params["sleep"] in (0.1, 0.2)  # custom_search_space
         # a warm trial: forked from the preloaded server, its own process group, its slot's threads, Hydra's files
-        assert info["optuna_preloaded"] and info["pgid"] == info["pid"] and info["omp"] == threads
+        assert info["optuna_preloaded"] and info["script_preloaded"]
+        assert info["pgid"] == info["pid"] and info["omp"] == threads
         assert info["output_dir"] == str(job) and info["cwd"] == str(tmp_path)
         assert (job / ".hydra" / "config.yaml").exists() and (job / ".hydra" / "overrides.yaml").exists()
         assert "logged through Hydra's job logging" in (job / "app.log").read_text()  # as a plain run
@@ -231,7 +234,7 @@ def test_plain_app_single_objective_from_the_return_value(tmp_path):
     assert len(pids) == 6  # one process per trial
     data = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     assert data["best_value"] == pytest.approx(min(t.value for t in trials))
-    assert "QMCSampler" in result.stdout
+    assert "GPSampler" in result.stdout
 
 
 @pytest.mark.slow

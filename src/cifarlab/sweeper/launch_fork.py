@@ -61,6 +61,7 @@ DEFAULT_PRELOAD = (
     "cifarlab.sweeper.trial",
 )
 ENV_PRELOAD = "CIFARLAB_FORKSERVER_PRELOAD"  # comma-separated modules, read by cifarlab.sweeper.preload
+ENV_MAIN = "CIFARLAB_FORKSERVER_MAIN"  # the task script, imported by cifarlab.sweeper.preload as __mp_main__
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -112,10 +113,10 @@ def warm_task_of(task_function: Any, config: Any, search_path: Sequence[Any]) ->
 
 
 @contextlib.contextmanager
-def _single_threaded_env() -> Iterator[None]:
-    """The environment the fork server starts with: BLAS/OpenMP libraries start no thread pools when loaded."""
-    saved = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update({k: "1" for k in THREAD_VARS})
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``variables`` set (the fork server inherits the environment it starts with)."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
     try:
         yield
     finally:
@@ -124,6 +125,11 @@ def _single_threaded_env() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _single_threaded_env() -> contextlib.AbstractContextManager[None]:
+    """The environment the fork server starts with: BLAS/OpenMP libraries start no thread pools when loaded."""
+    return _environment({k: "1" for k in THREAD_VARS})
 
 
 @dataclass(frozen=True)
@@ -174,23 +180,21 @@ class ForkLauncher:
         self.cwd = cwd
         self.preload = [m for m in preload if m != "__main__"]
         self.ctx = multiprocessing.get_context("forkserver")
+        # the script, imported in the server as multiprocessing would in each child (Python 3.11's forkserver
+        # means to preload "__main__" but never finds its path, so every trial would import the script again)
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None) if task.module == "__main__" else None
+        self.preload_main = os.path.normpath(os.path.abspath(path)) if path else None
 
     def start(self) -> None:
         """Start the server (it imports in the background; the first trial waits for it)."""
         from multiprocessing import forkserver
 
-        # "__main__" first: the server imports the script as multiprocessing does (as __mp_main__)
-        self.ctx.set_forkserver_preload([self.task.module, "cifarlab.sweeper.preload"])
-        saved = os.environ.get(ENV_PRELOAD)
-        os.environ[ENV_PRELOAD] = ",".join(self.preload)
-        try:
-            with _single_threaded_env():
-                forkserver.ensure_running()
-        finally:
-            if saved is None:
-                os.environ.pop(ENV_PRELOAD, None)
-            else:
-                os.environ[ENV_PRELOAD] = saved
+        task_module = [] if self.task.module == "__main__" else [self.task.module]
+        self.ctx.set_forkserver_preload([*task_module, "cifarlab.sweeper.preload"])
+        variables = {ENV_PRELOAD: ",".join(self.preload), ENV_MAIN: self.preload_main or ""}
+        with _single_threaded_env(), _environment(variables):
+            forkserver.ensure_running()
 
     def call(self, target: str, config: dict[str, Any]) -> str | None:
         """Run ``module:function(config as a DictConfig)`` in a fork of the warm server (nothing to import; the
