@@ -33,6 +33,7 @@ from cifarlab.sweeper.study import (
     make_storage,
     open_study,
     resume_seed,
+    space_size,
 )
 from cifarlab.sweeper.trial import is_interruption
 
@@ -273,3 +274,15 @@ def test_a_signal_from_outside_is_an_interruption_and_a_fault_is_not():
     assert is_interruption(lightning_ctrl_c())
     assert not is_interruption(RuntimeError("CUDA out of memory")) and not is_interruption(SystemExit(1))
     assert not is_interruption(FloatingPointError("val/loss is nan"))
+
+
+def test_the_size_of_a_space_is_known_only_when_it_is_finite():
+    from cifarlab.sweeper.space import build_space
+
+    def size(params, conditional=None):
+        return space_size(build_space(params, [], conditional)[0])
+
+    assert size({"a": "choice(x, y, z)", "b": "range(32, 128, 32)", "c": "interval(1, 5)"}) == 3 * 4 * 5
+    assert size({"a": "choice(x, y)", "lr": "tag(log, interval(1e-4, 1e-1))"}) is None
+    assert size({"a": "choice(x, y)"}, {"b": {"when": {"a": "x"}, "space": "choice(1, 2)"}}) is None
+    assert space_size(None) is None

@@ -203,15 +203,6 @@ def rank_in_budget(trials: Iterable[optuna.trial.FrozenTrial], number: int) -> i
     return 1 + sum(1 for t in trials if t.number < number and counts_toward_budget(t))
 
 
-def finished_counts(trials: Iterable[optuna.trial.FrozenTrial]) -> dict[str, int]:
-    out = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0, "RUNNING": 0, "WAITING": 0, "retried": 0}
-    for t in trials:
-        out[t.state.name] = out.get(t.state.name, 0) + 1
-        if t.state.name == "FAIL" and not counts_toward_budget(t):
-            out["retried"] += 1
-    return out
-
-
 # ---- owners and stale trials ------------------------------------------------------------------------------
 
 
