@@ -71,6 +71,20 @@ def test_cifar_archive_is_extracted_and_read(tmp_path, name):
     assert torch.equal(again[0], train_x)
 
 
+def test_cifar_datamodule_through_the_cache_gives_the_same_splits(tmp_path):
+    write_cifar_archive(tmp_path)
+    kw = dict(data_dir=str(tmp_path), val_size=10, download=False, verify_checksum=False)
+    plain = CifarDataModule("cifar10", **kw)
+    plain.setup()
+    cached = CifarDataModule("cifar10", cache_dir=tmp_path / "cache", **kw)
+    cached.prepare_data()  # what Lightning (and a sweep's warm_cache) runs first: fills the cache
+    assert (tmp_path / "cache" / "builds.log").is_file()
+    cached.setup()
+    for split in ("train", "val", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(plain.splits[split], cached.splits[split], strict=True))
+    assert plain.mean == cached.mean and plain.std == cached.std
+
+
 def test_checksum_mismatch_is_reported(tmp_path):
     write_cifar_archive(tmp_path)
     with pytest.raises(
@@ -230,5 +244,15 @@ def test_imagefolder(tmp_path):
     x, y = dm.splits["train"]
     assert x.shape == (30, 3, 32, 32) and x.dtype == torch.uint8
     assert len(dm.splits["test"][1]) == 12
+    # Through the decoded-data cache: the same splits, built on the first setup, mapped on the second.
+    for _ in range(2):
+        cached = CifarDataModule(
+            "imagefolder", root=str(tmp_path / "train"), val_size=6, cache_dir=tmp_path / "cache"
+        )
+        cached.setup()
+        assert all(
+            torch.equal(a, b) for s in dm.splits for a, b in zip(dm.splits[s], cached.splits[s], strict=True)
+        )
+    assert len((tmp_path / "cache" / "builds.log").read_text().splitlines()) == 2  # train/ and test/
     with pytest.raises(DataError, match="data.root="):
         CifarDataModule("imagefolder", root=str(tmp_path / "missing")).setup()

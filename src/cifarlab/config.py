@@ -7,6 +7,7 @@ Hydra composes the config, naming the key. ``validate`` then checks ranges and n
 
 import inspect
 import math
+import os
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
@@ -46,6 +47,8 @@ class DataConf:
     root: Optional[str] = None  # imagefolder: <root>/<class>/<image files>
     image_size: int = 32  # imagefolder/synthetic: images are resized to image_size x image_size
     split_seed: int = 0  # seed of the train/val split, fixed across runs so trials compare fairly
+    cache: bool = True  # keep decoded datasets as memory-mapped uint8 arrays in cache_dir (see datacache)
+    cache_dir: Optional[str] = None  # where the decoded-data cache lives; null: <data_dir>/cache
 
 
 @dataclass
@@ -356,6 +359,13 @@ def validate(cfg: DictConfig) -> None:
             d.root,
             "a folder of class sub-folders (data.root=/path/to/train)",
         )
+    cache_dir = d.get("cache_dir")
+    _check(
+        cache_dir is None or (str(cache_dir).strip() != "" and not os.path.isfile(str(cache_dir))),
+        "data.cache_dir",
+        cache_dir,
+        "null (<data_dir>/cache) or a folder path; data.cache=false turns the cache off",
+    )
     _check(t.max_epochs >= 1, "trainer.max_epochs", t.max_epochs, "max_epochs >= 1")
     _check(t.capture in ("auto", True, False), "trainer.capture", t.capture, "auto, true, false")
     spc = t.steps_per_call

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock
 
+from cifarlab import datacache
+
 
 class DataError(RuntimeError):
     """A dataset could not be found, downloaded or read; the message says what to do."""
@@ -106,6 +108,7 @@ def download_cifar(root: Path, name: str, download: bool = True, verify_checksum
 
 
 def _read_batches(folder: Path, files: list[str], label_key: str, num_classes: int):
+    """Unpickle CIFAR python batches into uint8 (N, 3, 32, 32) images and int64 labels (numpy arrays)."""
     images, labels = [], []
     for name in files:
         path = folder / name
@@ -126,21 +129,35 @@ def _read_batches(folder: Path, files: list[str], label_key: str, num_classes: i
             raise DataError(f"{path} is corrupt (labels outside 0..{num_classes - 1}); delete {folder}")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(target)
-    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    return np.concatenate(images), np.concatenate(labels)
 
 
-def load_cifar(root: Path, name: str, download: bool = True, verify_checksum: bool = True):
+def load_cifar(
+    root: Path,
+    name: str,
+    download: bool = True,
+    verify_checksum: bool = True,
+    cache_dir: Path | None = None,
+):
     """Return ``(train_x, train_y, test_x, test_y)``: uint8 (N, 3, 32, 32) images and int64 labels.
 
     The python batches are read directly rather than through ``torchvision.datasets.CIFAR10``: that class
     builds a per-sample PIL dataset (the slow path this project avoids) and checks every batch against the
-    official md5s, which would also reject the small archives the tests write in the same format.
+    official md5s, which would also reject the small archives the tests write in the same format. With a
+    ``cache_dir`` the decoded arrays are memory-mapped from there after the first load (see datacache).
     """
     spec = CIFAR[name]
     folder = download_cifar(root, name, download, verify_checksum)
-    train = _read_batches(folder, spec["train"], spec["label_key"], spec["num_classes"])
-    test = _read_batches(folder, spec["test"], spec["label_key"], spec["num_classes"])
-    return (*train, *test)
+    files = spec["train"] + spec["test"]
+
+    def decode():
+        train_x, train_y = _read_batches(folder, spec["train"], spec["label_key"], spec["num_classes"])
+        test_x, test_y = _read_batches(folder, spec["test"], spec["label_key"], spec["num_classes"])
+        return dict(train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y), {}
+
+    source = datacache.Source(name, folder, [str(folder / f) for f in files])
+    arrays, _ = datacache.load_or_build(cache_dir, source, decode)
+    return tuple(torch.from_numpy(arrays[k]) for k in ("train_x", "train_y", "test_x", "test_y"))
 
 
 def make_synthetic(num_images: int, num_classes: int = 10, seed: int = 0, image_size: int = 32):
@@ -178,27 +195,36 @@ def make_synthetic(num_images: int, num_classes: int = 10, seed: int = 0, image_
     return images, labels
 
 
-def load_imagefolder(root: Path, image_size: int = 32):
-    """Decode a folder of class sub-folders once into uint8 (N, 3, S, S) images; return images, labels, classes."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
+def load_imagefolder(root: Path, image_size: int = 32, cache_dir: Path | None = None):
+    """Decode a folder of class sub-folders into uint8 (N, 3, S, S) images; return images, labels, classes.
+
+    Files, classes and labels are listed by torchvision's own ``ImageFolder`` functions (sorted class
+    folders, sorted files), each image is decoded once, on every core (``datacache.decode_images``), and
+    with a ``cache_dir`` the result is memory-mapped from there after the first load.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={str(root)!r} is not a folder; expected <root>/<class>/<image> files")
-    to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)])
     try:
-        dataset = ImageFolder(str(root), transform=to_tensor)
+        classes, class_to_idx = find_classes(str(root))
+        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"data.root={str(root)!r}: {err}") from None
-    images = torch.stack(
-        [
-            dataset[i][0][:3] if dataset[i][0].shape[0] >= 3 else dataset[i][0].expand(3, -1, -1)
-            for i in range(len(dataset))
-        ]
-    )
-    labels = torch.tensor(dataset.targets, dtype=torch.int64)
-    return images, labels, dataset.classes
+    paths = [path for path, _ in samples]
+
+    def decode():
+        try:
+            images = datacache.decode_images(paths, image_size)
+        except datacache.UndecodableImage as err:
+            raise DataError(f"data.root={str(root)!r}: {err}; remove or replace that file") from None
+        labels = np.array([label for _, label in samples], dtype=np.int64)
+        return {"images": images, "labels": labels}, {"classes": classes}
+
+    source = datacache.Source("imagefolder", root, paths, {"image_size": image_size})
+    arrays, _ = datacache.load_or_build(cache_dir, source, decode)
+    return torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]), classes
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -416,10 +442,12 @@ class CifarDataModule(L.LightningDataModule):
         split_seed: int = 0,
         seed: int = 0,
         channels_last: bool = True,
+        cache_dir: str | Path | None = None,
         limit_train_batches: int | float | None = None,
     ) -> None:
         super().__init__()
         self.name, self.data_dir, self.root = name, Path(data_dir), root
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None  # None: decode every time
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.augment, self.normalize = val_size, augment, normalize
         self.download, self.verify_checksum = download, verify_checksum
@@ -442,12 +470,24 @@ class CifarDataModule(L.LightningDataModule):
         self.std: list[float] = [1.0, 1.0, 1.0]
 
     def prepare_data(self) -> None:
+        """Download CIFAR if it is missing and fill the decoded-data cache (Lightning calls this once per
+        machine, before any process loads; ``datacache.warm_cache`` calls it before a sweep)."""
         if self.name in CIFAR:
             download_cifar(self.data_dir, self.name, self.download, self.verify_checksum)
+            if self.cache_dir is not None:
+                load_cifar(self.data_dir, self.name, self.download, self.verify_checksum, self.cache_dir)
+        elif self.name == "imagefolder" and self.cache_dir is not None:
+            for folder in self._image_folders():
+                load_imagefolder(folder, self.image_size, self.cache_dir)
+
+    def _image_folders(self) -> list[Path]:
+        """data.root, and its sibling test/ folder when there is one (the test split)."""
+        test_dir = Path(self.root).parent / "test"
+        return [Path(self.root)] + ([test_dir] if test_dir.is_dir() else [])
 
     def _load(self):
         if self.name in CIFAR:
-            return load_cifar(self.data_dir, self.name, self.download, self.verify_checksum)
+            return load_cifar(self.data_dir, self.name, self.download, self.verify_checksum, self.cache_dir)
         if self.name == "synthetic":
             x, y = make_synthetic(
                 self.train_size + self.test_size, self.num_classes, seed=1234, image_size=self.image_size
@@ -455,10 +495,10 @@ class CifarDataModule(L.LightningDataModule):
             n = self.train_size
             return x[:n], y[:n], x[n:], y[n:]
         if self.name == "imagefolder":
-            x, y, _ = load_imagefolder(Path(self.root), self.image_size)
-            test_dir = Path(self.root).parent / "test"
-            if test_dir.is_dir():
-                tx, ty, _ = load_imagefolder(test_dir, self.image_size)
+            folders = self._image_folders()
+            x, y, _ = load_imagefolder(folders[0], self.image_size, self.cache_dir)
+            if len(folders) > 1:
+                tx, ty, _ = load_imagefolder(folders[1], self.image_size, self.cache_dir)
                 return x, y, tx, ty
             n_test = min(self.test_size, len(y) // 5)
             perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed + 1))

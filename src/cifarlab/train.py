@@ -47,6 +47,7 @@ def default_run_name(cfg: DictConfig) -> str:
 
 def build_datamodule(cfg: DictConfig, data_dir: str | None = None):
     from cifarlab.data import CifarDataModule
+    from cifarlab.datacache import cache_dir_for
 
     d = cfg.data
     return CifarDataModule(
@@ -67,6 +68,7 @@ def build_datamodule(cfg: DictConfig, data_dir: str | None = None):
         split_seed=d.split_seed,
         seed=cfg.seed,
         channels_last=cfg.trainer.channels_last,
+        cache_dir=cache_dir_for(d, data_dir),
         limit_train_batches=_limit(cfg.trainer.limit_train_batches),  # in batches, whatever steps_per_call
     )
 
