@@ -67,6 +67,7 @@ hydra:
 SEEDED = """\
 # @package _global_
 defaults:
+  - override /data: synthetic  # nothing to download or decode before the (stand-in) trials
   - override /hydra/sweeper: cifarlab_optuna
   - override /hydra/sweeper/sampler: random
   - override /hydra/sweeper/pruner: none
