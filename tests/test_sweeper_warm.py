@@ -332,3 +332,26 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def test_auto_packing_plans_the_slots_and_says_why(tmp_path, monkeypatch):
+    from cifarlab.sweeper import slots as slots_module
+    from cifarlab.sweeper.runner import Sweep
+    from cifarlab.sweeper.settings import SweepSettings
+
+    monkeypatch.setattr(slots_module, "cpu_count", lambda: 16)
+    monkeypatch.setattr(slots_module, "gpu_memory_gb", lambda environ=None: 80.0)
+    settings = SweepSettings(
+        study_name="s",
+        storage=f"journal:{tmp_path}/journal.log",
+        sweep_dir=str(tmp_path),
+        task_command=[PY, "-m", "cifarlab.sweeper.sleep_task"],
+        devices=["0", "1"],
+        trials_per_gpu="auto",
+        quiet=True,
+    )
+    sweep = Sweep(settings)
+    assert len(sweep.slots) == 16 and "8 trial(s) per GPU" in sweep.packing  # 80 GB, 8 cores per GPU
+    assert {s.gpus for s in sweep.slots.slots} == {("0",), ("1",)}
+    settings.trial_memory_gb = 30.0  # 0.85 × 80 GB holds two
+    assert len(Sweep(settings).slots) == 4

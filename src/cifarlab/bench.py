@@ -827,14 +827,18 @@ def seed_baseline(args, tmp: Path, log) -> dict[str, Any]:
     }
 
 
-def sweeper_figure(log) -> dict[str, Any]:
-    """The sweeper's slot-utilisation benchmark (simulated trials), if this checkout has it."""
+def sweeper_figure(log, warm_trials: int = 8) -> dict[str, Any]:
+    """The sweeper's benchmarks, if this checkout has them: slot utilisation (simulated trials), and the per-trial
+    overhead of the same ``warm_trials``-trial sweep started the old way and the warm way (0: skipped)."""
     try:
         from cifarlab.sweeper import bench as sweeper_bench
     except ImportError as err:
         return {"skipped": f"cifarlab.sweeper.bench not available ({err})"}
     result = sweeper_bench.simulated(slots=2)
     log("  " + sweeper_bench.describe(result))
+    if warm_trials:
+        result["warm_start"] = sweeper_bench.warm_start(n_trials=warm_trials, slots=2)
+        log("  " + sweeper_bench.describe_warm_start(result["warm_start"]))
     return result
 
 

@@ -127,11 +127,6 @@ def _environment(variables: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _single_threaded_env() -> contextlib.AbstractContextManager[None]:
-    """The environment the fork server starts with: BLAS/OpenMP libraries start no thread pools when loaded."""
-    return _environment({k: "1" for k in THREAD_VARS})
-
-
 @dataclass(frozen=True)
 class ChildSpec:
     task: WarmTask
@@ -192,9 +187,14 @@ class ForkLauncher:
 
         task_module = [] if self.task.module == "__main__" else [self.task.module]
         self.ctx.set_forkserver_preload([*task_module, "cifarlab.sweeper.preload"])
-        variables = {ENV_PRELOAD: ",".join(self.preload), ENV_MAIN: self.preload_main or ""}
-        with _single_threaded_env(), _environment(variables):
+        with self._server_env():
             forkserver.ensure_running()
+
+    def _server_env(self) -> contextlib.AbstractContextManager[None]:
+        """The environment the server starts with (again, should it have died: Process.start restarts it)."""
+        variables = {k: "1" for k in THREAD_VARS}  # BLAS/OpenMP libraries start no thread pools when loaded
+        variables.update({ENV_PRELOAD: ",".join(self.preload), ENV_MAIN: self.preload_main or ""})
+        return _environment(variables)
 
     def call(self, target: str, config: dict[str, Any]) -> str | None:
         """Run ``module:function(config as a DictConfig)`` in a fork of the warm server (nothing to import; the
@@ -203,7 +203,8 @@ class ForkLauncher:
 
         reader, writer = get_context("forkserver").Pipe(duplex=False)
         process = self.ctx.Process(target=_call_child, args=(target, config, writer), name="warm call")
-        process.start()
+        with self._server_env():
+            process.start()
         writer.close()
         try:
             error = reader.recv()
@@ -226,7 +227,8 @@ class ForkLauncher:
             target=_trial_main, args=(spec,), name=f"trial:{Path(log_path).parent.name}"
         )
         try:
-            process.start()
+            with self._server_env():
+                process.start()
         except (OSError, EOFError, ConnectionError) as err:
             raise OSError(f"the fork server did not start the trial: {err}") from err
         return ForkedTrial(process)

@@ -400,9 +400,12 @@ def finish(study: optuna.Study, sweep: Any, wall: float) -> dict[str, int]:
     busy = sweep.busy_s
     n_slots = len(sweep.slots)
     util = busy / (n_slots * wall) if wall > 0 else 0.0
+    mine = [t for t in trials if t.number in set(sweep.launched)]
+    work = sum(float(t.user_attrs.get("metrics", {}).get("duration_s", 0.0)) for t in mine)
+    overhead = f", {(wall * n_slots - work) / len(mine):.1f}s overhead per trial" if mine and work else ""
     sweep.out.say(
         f"this sweep process: {len(sweep.launched)} trial(s) in {wall:.1f}s on {n_slots} slot(s), "
-        f"slot utilisation {util:.0%}; results in {sweep_dir}/optimization_results.yaml, trials.csv"
+        f"slot utilisation {util:.0%}{overhead}; results in {sweep_dir}/optimization_results.yaml, trials.csv"
     )
     if s.wandb_summary:
         _wandb_summary(study, sweep_dir, s)

@@ -310,7 +310,7 @@ class Sweep:
             f"({', '.join(self.s.directions)})"
         )
         self.out.say(f"  {len(self.slots)} slot(s): {slots}; trials in {self.sweep_dir}/trial_<number>")
-        if self.packing:
+        if self.packing and any(slot.kind == "gpu" for slot in self.slots.slots):
             self.out.say(f"  trials_per_gpu=auto: {self.packing}")
         how = "warm (forked from a preloaded server)" if self.launcher.name == "fork" else "as subprocesses"
         note = f" ({self.s.launch_note})" if self.s.launch_note else ""
