@@ -21,7 +21,9 @@ from cifarlab.step import capture_blocker
 from cifarlab.train import build_datamodule, build_module, build_trainer
 from tests.conftest import CONF, compose_train
 
-OPTIMIZERS = sorted(str(p.relative_to(CONF / "optimizer").with_suffix("")) for p in (CONF / "optimizer").rglob("*.yaml"))
+OPTIMIZERS = sorted(
+    str(p.relative_to(CONF / "optimizer").with_suffix("")) for p in (CONF / "optimizer").rglob("*.yaml")
+)
 # 8x8 images (the CNN's three poolings leave 1x1x128), batches of 16: a step costs ~1 ms, so a run is mostly
 # Lightning's own start-up. 7 batches per epoch (the last one short), chunks of 3: 3 calls per epoch, the last
 # with one batch.
@@ -63,16 +65,28 @@ def plain_loop(overrides: list[str], out: Path) -> torch.nn.Module:
     net = build_module(cfg, dm.num_classes).net  # the same initial weights, the same RNG state after them
     dm.setup()
     images, labels = dm.splits["train"]
-    optimizer = build_optimizer(instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, cfg.model.weight_decay))
+    optimizer = build_optimizer(
+        instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, cfg.model.weight_decay)
+    )
     epochs = cfg.trainer.max_epochs
     steps_per_epoch = math.ceil(len(labels) / cfg.data.batch_size)
-    schedule = instantiate(cfg.scheduler)(optimizer, steps_per_epoch, epochs) if cfg.get("scheduler") else None
+    schedule = (
+        instantiate(cfg.scheduler)(optimizer, steps_per_epoch, epochs) if cfg.get("scheduler") else None
+    )
     clip = cfg.trainer.gradient_clip_val
     for epoch in range(epochs):
         net.train()
         batches = DeviceBatches(
-            images, labels, cfg.data.batch_size, mean=dm.mean, std=dm.std, shuffle=True, augment=cfg.data.augment,
-            seed=cfg.seed, epoch=lambda e=epoch: e, channels_last=cfg.trainer.channels_last,
+            images,
+            labels,
+            cfg.data.batch_size,
+            mean=dm.mean,
+            std=dm.std,
+            shuffle=True,
+            augment=cfg.data.augment,
+            seed=cfg.seed,
+            epoch=lambda e=epoch: e,
+            channels_last=cfg.trainer.channels_last,
         )
         for x, y in batches:
             optimizer.zero_grad()
@@ -92,10 +106,19 @@ def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+# The course's own optimizers run the same eager path as torch's: they are the slow tier (~3 s each).
+@pytest.mark.parametrize(
+    "optimizer",
+    [pytest.param(o, marks=pytest.mark.slow) if o.startswith("course/") else o for o in OPTIMIZERS],
+)
 def test_k_steps_per_call_train_like_the_plain_loop(optimizer, tmp_path):
     """Every optimizer, a per-step scheduler, dropout, augmentation: 2 epochs, 14 steps in 6 Lightning steps."""
-    overrides = TINY + [f"optimizer={optimizer}", "scheduler=cosine", "trainer.max_epochs=2", "callbacks.checkpoint=false"]
+    overrides = TINY + [
+        f"optimizer={optimizer}",
+        "scheduler=cosine",
+        "trainer.max_epochs=2",
+        "callbacks.checkpoint=false",
+    ]
     module, trainer = fit(overrides, tmp_path / "k")
     assert trainer.global_step == 14 and module.steps_per_call == 3
     assert module.step_mode == "eager (the device is cpu, not a CUDA GPU)"
@@ -106,8 +129,13 @@ def test_k_steps_per_call_train_like_the_plain_loop(optimizer, tmp_path):
     "scheduler", [["scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5"], ["scheduler=onecycle"]]
 )
 def test_epoch_and_momentum_schedules_and_clipping_match(scheduler, tmp_path):
-    overrides = TINY + ["optimizer=nesterov", "trainer.max_epochs=3", "trainer.gradient_clip_val=0.5",
-                        "callbacks.checkpoint=false", *scheduler]
+    overrides = TINY + [
+        "optimizer=nesterov",
+        "trainer.max_epochs=3",
+        "trainer.gradient_clip_val=0.5",
+        "callbacks.checkpoint=false",
+        *scheduler,
+    ]
     module, trainer = fit(overrides, tmp_path / "k")
     assert trainer.global_step == 21
     assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
@@ -118,24 +146,35 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]
     full, full_trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "full")
     fit(base + ["trainer.max_epochs=2"], tmp_path / "first")
-    resumed, trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "second",
-                           ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"))
+    resumed, trainer = fit(
+        base + ["trainer.max_epochs=3"],
+        tmp_path / "second",
+        ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"),
+    )
     assert trainer.global_step == full_trainer.global_step == 21
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001 * 0.7**3)
     assert_same_parameters(resumed.net, full.net)
 
 
 def test_steps_per_call_changes_nothing_but_the_grouping(tmp_path):
-    """K = 1, 4 and auto (8, capped at the 7 batches of an epoch) give the same parameters; logging every
-    N optimizer steps, train metrics per epoch."""
+    """K = 1, 4 and auto (8, capped at the 7 batches of an epoch) give the same parameters, with a plateau
+    schedule on val/acc (patience 0: it halves the lr after every epoch without improvement)."""
     runs = {}
     for k in ("1", "4", "auto"):
         module, trainer = fit(
-            TINY + [f"trainer.steps_per_call={k}", "trainer.max_epochs=2", "callbacks.checkpoint=false"],
+            TINY
+            + [
+                f"trainer.steps_per_call={k}",
+                "trainer.max_epochs=3",
+                "callbacks.checkpoint=false",
+                "scheduler=plateau",
+                "scheduler.patience=0",
+                "scheduler.factor=0.5",
+            ],
             tmp_path / k,
         )
         runs[k] = module
-        assert trainer.global_step == 14
+        assert trainer.global_step == 21
         assert 0 <= float(trainer.callback_metrics["train/acc"]) <= 1
     assert runs["auto"].steps_per_call == 7
     assert_same_parameters(runs["1"].net, runs["4"].net)
@@ -143,8 +182,10 @@ def test_steps_per_call_changes_nothing_but_the_grouping(tmp_path):
 
 
 def test_limit_train_batches_counts_optimizer_steps(tmp_path):
-    _, trainer = fit(TINY + ["trainer.limit_train_batches=5", "trainer.max_epochs=2", "callbacks.checkpoint=false"],
-                     tmp_path)
+    _, trainer = fit(
+        TINY + ["trainer.limit_train_batches=5", "trainer.max_epochs=2", "callbacks.checkpoint=false"],
+        tmp_path,
+    )
     assert trainer.global_step == 10
 
 
@@ -165,7 +206,9 @@ def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
     assert "momentum" in capture_blocker(cuda, torch.optim.Adam, scheduler=onecycle)
     # trainer.capture=true where it cannot apply: one line naming the setting, before any work
     for extra in (["trainer.accelerator=cpu"], ["optimizer=course/adam"], ["trainer=ddp"]):
-        with pytest.raises(ConfigError, match=r"trainer.capture=True is not allowed; allowed: auto or false here"):
+        with pytest.raises(
+            ConfigError, match=r"trainer.capture=True is not allowed; allowed: auto or false here"
+        ):
             validate(compose_train(["trainer.capture=true", *extra]))
     for bad in ("trainer.steps_per_call=0", "trainer.capture=maybe"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):

@@ -125,6 +125,8 @@ class CifarModule(L.LightningModule):
             autocast_dtype=dtype,
             backward=self.manual_backward,  # Lightning's: DDP's gradient sync, fp16 scaling, callback hooks
             optimizer_step=opt.step,  # counts trainer.global_step, runs on_before_optimizer_step hooks
+            # Lightning's calls on every step only where they do more than hooks: DDP and fp16 scaling
+            plain_eager=self.trainer.world_size == 1 and not precision.startswith("16"),
         )
         # Callbacks with per-step hooks get them: their steps run eager (every_n_steps: only those steps).
         self._hook_periods = [
@@ -141,8 +143,10 @@ class CifarModule(L.LightningModule):
         for plan in chunk.plans:
             step = self.trainer.global_step
             hooks = any(step % p == 0 for p in self._hook_periods)
-            loss, replayed = self.stepper(chunk.source, plan, eager=hooks)
-            if replayed:  # the graph ran the optimizer: count its step as Lightning counts opt.step()
+            loss, counted = self.stepper(chunk.source, plan, hooks=hooks)
+            if (
+                not counted
+            ):  # torch's own step ran (in the graph or eager): count it as Lightning's opt.step() does
                 opt._on_before_step()
                 opt._on_after_step()
             step = self.trainer.global_step
@@ -152,8 +156,14 @@ class CifarModule(L.LightningModule):
             # Per-step values only every log_every_n_steps steps: .cpu() waits for the GPU (once per N steps)
             n = self.log_every_n_steps
             if n and step % n == 0:
-                self.log("train/loss_step", loss.float().cpu(), on_step=True, on_epoch=False, prog_bar=True,
-                         batch_size=plan.shape[1])
+                self.log(
+                    "train/loss_step",
+                    loss.float().cpu(),
+                    on_step=True,
+                    on_epoch=False,
+                    prog_bar=True,
+                    batch_size=plan.shape[1],
+                )
                 lr = float(opt.param_groups[0]["lr"])
                 self.log("train/lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=plan.shape[1])
         # Lightning counts this call as one batch for its loggers' step axis: make it count every batch.
@@ -171,11 +181,12 @@ class CifarModule(L.LightningModule):
             if (self.current_epoch + 1) % c.frequency:
                 continue
             if isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                metric = self.trainer.callback_metrics.get(c.monitor)
+                monitor, strict = self._monitor
+                metric = self.trainer.callback_metrics.get(monitor)
                 if metric is None:
-                    if c.strict:
+                    if strict:
                         raise RuntimeError(
-                            f"scheduler=plateau monitors {c.monitor}, which was not logged this epoch "
+                            f"scheduler=plateau monitors {monitor}, which was not logged this epoch "
                             "(is validation off?)"
                         )
                     continue
@@ -197,8 +208,14 @@ class CifarModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
         self.val_acc_best(acc)
-        self.log_dict({"val/loss": self.val_loss.compute(), "val/acc": acc, "val/acc_best": self.val_acc_best.compute()},
-                      prog_bar=True)
+        self.log_dict(
+            {
+                "val/loss": self.val_loss.compute(),
+                "val/acc": acc,
+                "val/acc_best": self.val_acc_best.compute(),
+            },
+            prog_bar=True,
+        )
         self.val_loss.reset()
         self.val_acc.reset()
 
@@ -216,7 +233,9 @@ class CifarModule(L.LightningModule):
         trainer = self.trainer
         device = trainer.strategy.root_device
         factory_cls = getattr(self.optimizer_factory, "func", self.optimizer_factory)
-        blocker = capture_blocker(device, factory_cls, str(trainer.precision), trainer.world_size, self.compile)
+        blocker = capture_blocker(
+            device, factory_cls, str(trainer.precision), trainer.world_size, self.compile
+        )
         self._decide_capture(blocker)
         groups = parameter_groups(self.net, self.weight_decay)
         optimizer = (
@@ -235,7 +254,9 @@ class CifarModule(L.LightningModule):
         self.steps_per_call = min(steps_per_epoch, auto) if str(setting) == "auto" else int(setting)
         if self.scheduler_factory is None:
             return optimizer
-        schedule = self.scheduler_factory(optimizer, steps_per_epoch, max_epochs)
+        schedule = dict(self.scheduler_factory(optimizer, steps_per_epoch, max_epochs))
+        # Lightning drops these keys under manual optimization; the plateau step below reads them.
+        self._monitor = (schedule.pop("monitor", None), schedule.pop("strict", True))
         if self.capture:
             self._decide_capture(
                 capture_blocker(device, factory_cls, str(trainer.precision), scheduler=schedule["scheduler"])
@@ -253,11 +274,15 @@ class CifarModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cifarlab_config"] = self.config
-        checkpoint["val_acc_best"] = float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
+        checkpoint["val_acc_best"] = (
+            float(self.val_acc_best.compute()) if self.val_acc_best.update_count else None
+        )
         # Dropout draws from the global generators: saving them makes a resumed run continue exactly like an
         # uninterrupted one (the data order is already a function of seed and epoch).
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         best = checkpoint.get("val_acc_best")
@@ -266,5 +291,9 @@ class CifarModule(L.LightningModule):
         rng = checkpoint.get("rng_states")
         if rng is not None:
             torch.set_rng_state(rng["torch"])
-            if rng["cuda"] is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            if (
+                rng["cuda"] is not None
+                and torch.cuda.is_available()
+                and len(rng["cuda"]) == torch.cuda.device_count()
+            ):
                 torch.cuda.set_rng_state_all(rng["cuda"])
