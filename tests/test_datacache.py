@@ -318,3 +318,20 @@ def test_cache_settings_compose_and_are_checked():
     assert datacache.cache_dir_for(cfg.data) == Path("/tmp/c")
     with pytest.raises(ConfigError, match=r"data.cache_dir='' is not allowed; allowed: null"):
         validate(compose_train(["data.cache_dir=''"]))
+
+
+def test_the_datamodule_reads_each_source_once_per_run(tmp_path, monkeypatch, decodes):
+    """Lightning calls prepare_data before fitting and again before testing, setup on every stage."""
+    write_image_folder(tmp_path / "images" / "train")
+    write_image_folder(tmp_path / "images" / "test", per_class=2, seed=1)
+    reads = []
+    load_or_build = datacache.load_or_build
+    monkeypatch.setattr(datacache, "load_or_build", lambda *a: reads.append(a[1].root) or load_or_build(*a))
+    for run in range(2):
+        root = str(tmp_path / "images" / "train")
+        dm = CifarDataModule("imagefolder", root=root, val_size=3, cache_dir=tmp_path / "cache")
+        for stage in ("fit", "test"):
+            dm.prepare_data()
+            dm.setup(stage)
+        assert len(reads) == 2 * (run + 1)  # train/ and test/, once each
+    assert decodes["images"] == 18 and len(builds(tmp_path / "cache")) == 2

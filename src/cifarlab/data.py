@@ -468,24 +468,29 @@ class CifarDataModule(L.LightningDataModule):
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.mean: list[float] = [0.0, 0.0, 0.0]
         self.std: list[float] = [1.0, 1.0, 1.0]
+        self._prepared: tuple | None = None  # what prepare_data loaded, kept for setup in the same process
 
     def prepare_data(self) -> None:
         """Download CIFAR if it is missing and fill the decoded-data cache (Lightning calls this once per
-        machine, before any process loads; ``datacache.warm_cache`` calls it before a sweep)."""
+        machine before any process loads, and again before testing; ``datacache.warm_cache`` calls it
+        before a sweep)."""
         if self.name in CIFAR:
             download_cifar(self.data_dir, self.name, self.download, self.verify_checksum)
-            if self.cache_dir is not None:
-                load_cifar(self.data_dir, self.name, self.download, self.verify_checksum, self.cache_dir)
-        elif self.name == "imagefolder" and self.cache_dir is not None:
-            for folder in self._image_folders():
-                load_imagefolder(folder, self.image_size, self.cache_dir)
+        if self.cache_dir is not None and self.name != "synthetic" and not self.splits and not self._prepared:
+            self._prepared = self._read()
+
+    def _load(self):
+        if self._prepared is not None:  # read by prepare_data a moment ago: not again
+            loaded, self._prepared = self._prepared, None
+            return loaded
+        return self._read()
 
     def _image_folders(self) -> list[Path]:
         """data.root, and its sibling test/ folder when there is one (the test split)."""
         test_dir = Path(self.root).parent / "test"
         return [Path(self.root)] + ([test_dir] if test_dir.is_dir() else [])
 
-    def _load(self):
+    def _read(self):
         if self.name in CIFAR:
             return load_cifar(self.data_dir, self.name, self.download, self.verify_checksum, self.cache_dir)
         if self.name == "synthetic":
