@@ -335,3 +335,43 @@ def test_the_datamodule_reads_each_source_once_per_run(tmp_path, monkeypatch, de
             dm.setup(stage)
         assert len(reads) == 2 * (run + 1)  # train/ and test/, once each
     assert decodes["images"] == 18 and len(builds(tmp_path / "cache")) == 2
+
+
+def test_an_undecodable_image_is_named(tmp_path):
+    write_image_folder(tmp_path / "train")
+    (tmp_path / "train" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(
+        data.DataError, match=r"dog/broken.jpg cannot be decoded .*remove or replace that file"
+    ):
+        load_imagefolder(tmp_path / "train", 32, tmp_path / "cache")
+    assert not builds(tmp_path / "cache")
+
+
+UNGUARDED = textwrap.dedent(
+    """
+    import sys
+    from cifarlab import datacache
+
+    paths = sys.argv[2:]
+    source = datacache.Source("imagefolder", sys.argv[1], paths)
+    decode = lambda: ({"images": datacache.decode_images(paths, 32, workers=2, chunk=1)}, {})
+    datacache.load_or_build(sys.argv[1] + "/../cache", source, decode)  # no `if __name__ == "__main__":`
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_fails_instead_of_hanging(tmp_path):
+    """Its decoding workers re-run the script, which would wait forever for the lock its parent holds."""
+    from PIL import Image
+
+    write_image_folder(tmp_path / "train")
+    paths = [str(p) for p in sorted((tmp_path / "train").rglob("*")) if p.suffix in (".png", ".jpg")]
+    paths = [p for p in paths if Image.open(p).size == (32, 32)]
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "train"), *paths], capture_output=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "put that code under `if __name__ == '__main__':`" in result.stderr.decode()
