@@ -262,13 +262,16 @@ def _fake_results(cuda: bool) -> dict:
             "train_over_reference": 3.33,
             "train_over_plain": 0.98,
             "train_over_reference_paired": 3.3,
-            "train_over_plain_paired": 0.97,
+            "train_over_plain_paired": 1.02,
         },
         "startup": {"help_s": 1.0, "first_step_s": 5.0, "first_step_wandb_offline_s": 8.0},
         "sweeper": {"async": {"utilisation": 0.9}, "sync": {"utilisation": 0.7}, "ratio": 1.3},
         "gpu_trials": {"skipped": "no CUDA device"},
     }
     if cuda:
+        results["runs"]["train"] = {**run, "img_per_s": 320_000.0, "batch_size": 512, "step_mode": "captured"}
+        results["runs"]["captured"] = {**run, "img_per_s": 380_000.0, "batch_size": 512}
+        results["ratios"].update(train_over_captured=0.84, train_over_captured_paired=0.85)
         results["gpu_trials"] = {
             "batch_size": 512,
             "by_trials": {
@@ -276,7 +279,7 @@ def _fake_results(cuda: bool) -> dict:
                 "4": {"img_per_s": 330_000.0, "over_one": 2.75},
             },
         }
-        results["seed_baseline"] = {"epochs": 50, "data": "cifar10", "duration_s": 80.0, "wall_s": 95.0}
+        results["seed_baseline"] = {"epochs": 50, "data": "cifar10", "duration_s": 38.0, "wall_s": 55.0}
     return results
 
 
@@ -284,17 +287,21 @@ def _fake_results(cuda: bool) -> dict:
 def test_bench_table_and_target_checks(cuda):
     results = _fake_results(cuda)
     text = bench.table(results)
-    assert "(c)/(a) 3.33x" in text and "(c)/(b) 0.98" in text and "start-up" in text and "sweeper" in text
+    assert "(c)/(b) 0.98 (paired 1.02)" in text and "start-up" in text and "sweeper" in text
     met = bench.check_targets(results)["met"]
     if cuda:
         assert "120,000 img/s" in text and "seed_baseline (50 epochs" in text
+        assert "(c)/(b') 0.84 (paired 0.85)" in text and "captured" in text
         assert met == {
+            "gpu_train_img_per_s_b512_bf16": True,
+            "gpu_train_over_captured": True,
             "gpu_one_trial_img_per_s": True,
             "gpu_four_over_one_trials": True,
             "gpu_seed_baseline_s": True,
         }
     else:
-        assert "skipped" in text and met == {"cpu_train_over_reference": True, "cpu_train_over_plain": True}
+        assert "(c)/(a) 3.33x" in text and "skipped" in text
+        assert met == {"cpu_train_over_reference": True, "cpu_train_over_plain": True}
 
 
 @pytest.mark.slow
@@ -338,3 +345,12 @@ def test_make_bench_writes_the_side_by_side_results(tmp_path):
     assert "skipped" in results["gpu_trials"] or "by_trials" in results["gpu_trials"]
     assert "met" in results["checks"]
     assert not (Path(ROOT) / "bench" / "results" / out.name).exists()
+
+
+def test_bench_with_every_variant_skipped_reports_nothing_rather_than_crashing(tmp_path):
+    args = bench.parse_args(["--skip", *bench.KINDS])
+    assert bench.side_by_side(args, {}, [], tmp_path, log=lambda msg: None) == {}
+    results = _fake_results(cuda=False)
+    results["runs"] = {}
+    results["ratios"] = dict.fromkeys(results["ratios"])
+    assert "cifarlab bench" in bench.table(results) and bench.check_targets(results)["met"] == {}
