@@ -123,6 +123,7 @@ def main(cfg):
     info = {
         "pid": os.getpid(),
         "pgid": os.getpgid(0),
+        "argv": sys.argv,
         "optuna_preloaded": "optuna" in sys.modules,
         "script_preloaded": IMPORTED_BY != os.getpid(),
         "omp": os.environ.get("OMP_NUM_THREADS"),
@@ -225,6 +226,8 @@ def test_plain_app_single_objective_from_the_return_value(tmp_path):
         # a warm trial: forked from the preloaded server, its own process group, its slot's threads, Hydra's files
         assert info["optuna_preloaded"] and info["script_preloaded"]
         assert info["pgid"] == info["pid"] and info["omp"] == threads
+        assert info["argv"][:2] == [str(tmp_path / "app.py"), "--config-name=app"]  # as `python app.py ...`
+        assert info["argv"][-1] == f"hydra.run.dir={job}"
         assert info["output_dir"] == str(job) and info["cwd"] == str(tmp_path)
         assert (job / ".hydra" / "config.yaml").exists() and (job / ".hydra" / "overrides.yaml").exists()
         assert "logged through Hydra's job logging" in (job / "app.log").read_text()  # as a plain run

@@ -74,6 +74,9 @@ class WarmTask:
     config_name: str | None
     task_name: str  # hydra.job.name (names the job's log file: train.log)
     search_path: tuple[tuple[str, str], ...]  # Hydra's config search path: (provider, path), in order
+    argv: tuple[
+        str, ...
+    ] = ()  # sys.argv before the overrides, as a subprocess trial has it (DDP relaunches it)
 
 
 def _is_hydra_main(obj: Any) -> bool:
@@ -266,7 +269,7 @@ def _trial_main(spec: ChildSpec) -> None:
     torch = sys.modules.get("torch")
     if torch is not None:  # the server loaded torch with one thread; this trial gets its slot's share
         torch.set_num_threads(max(1, spec.threads))
-    sys.argv = [sys.argv[0] if sys.argv else spec.task.task_name, *spec.overrides]
+    sys.argv = [*(spec.task.argv or sys.argv[:1]), *spec.overrides]
     sys.exit(run_task(spec.task, list(spec.overrides), Path(spec.log_path).parent))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -198,6 +199,8 @@ def settings_from_hydra(
                 task_command.append(f"--config-dir={source['path']}")
     else:
         task_command = [str(c) for c in task_command]
+    if warm_task is not None:  # a warm trial's sys.argv: the script and its Hydra flags, then the overrides
+        warm_task = dataclasses.replace(warm_task, argv=tuple(task_command[1:]))
 
     logger_cfg = _container(config.logger) if "logger" in config and config.logger is not None else None
     sampler = conf.get("sampler") or None
