@@ -12,9 +12,9 @@ timeout 150 python3 -m cifarlab.bench --images 45000 --repeats 3 --batch-size 64
 timeout 90 python3 -m cifarlab.bench --images 45000 --repeats 3 --batch-size 512 --precision bf16-mixed --data cifar10 \
   --skip reference --trials none --no-seed-baseline --no-startup --no-sweeper --out "$OUT/bench512.json" \
   > "$OUT/bench512.txt" 2>&1; tail -10 "$OUT/bench512.txt"
-start=$(date +%s.%N)
-timeout 120 python3 train.py experiment=seed_baseline logger=none callbacks.figures=false hydra.run.dir=/tmp/seed_baseline \
+start=$(python3 -c "import time; print(time.time())")
+timeout 150 python3 train.py experiment=seed_baseline logger=none callbacks.figures=false hydra.run.dir=/tmp/seed_baseline \
   > "$OUT/seed_baseline.txt" 2>&1
-echo "wall_s $(echo "$(date +%s.%N) - $start" | bc)" >> "$OUT/seed_baseline.txt"
+python3 -c "import time; print('wall_s', round(time.time() - $start, 1))" >> "$OUT/seed_baseline.txt"
 cp /tmp/seed_baseline/metrics.json "$OUT/seed_baseline_metrics.json" 2>/dev/null
 tail -5 "$OUT/seed_baseline.txt"
