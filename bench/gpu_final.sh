@@ -1,5 +1,6 @@
 # The GPU measurement of issue 10, in one script: `source .gpu/setup.sh && bash bench/gpu_final.sh` (~6 min on an
-# H100/H200). Writes under $OUT: smoke (captured vs eager check), bench64 (batch 64 fp32, the course's setting),
+# H100/H200). Writes under $OUT: smoke (captured vs eager check), bench64 (batch 64 fp32, no augmentation: the
+# course's setting, and one concurrent-trial epoch of (c) to check it agrees with (c)),
 # bench512 (batch 512 bf16, augmentation), seed_baseline (the course's 50-epoch run, captured).
 set -u
 OUT=${OUT:-/tmp/final}; mkdir -p "$OUT"
@@ -7,7 +8,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
 timeout 60 python3 bench/gpu_step_check.py --steps 60 --out "$OUT/step_check.json" > "$OUT/step_check.txt" 2>&1
 tail -6 "$OUT/step_check.txt"
 timeout 150 python3 -m cifarlab.bench --images 45000 --repeats 3 --batch-size 64 --precision 32 --data cifar10 \
-  --trials 1 --trial-batch-size 64 --no-seed-baseline --no-startup --no-sweeper --out "$OUT/bench64.json" \
+  --trials 1 --trial-batch-size 64 --no-seed-baseline --no-startup --no-sweeper --set data.augment=false \
+  --out "$OUT/bench64.json" \
   > "$OUT/bench64.txt" 2>&1; tail -12 "$OUT/bench64.txt"
 timeout 90 python3 -m cifarlab.bench --images 45000 --repeats 3 --batch-size 512 --precision bf16-mixed --data cifar10 \
   --skip reference --trials none --no-seed-baseline --no-startup --no-sweeper --out "$OUT/bench512.json" \
