@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import time
 
@@ -26,10 +27,7 @@ from cifarlab.step import TrainStep, optimizer_for_capture
 def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
     cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[opt_name]
     kw = {"momentum": 0.9} if opt_name == "sgd" else {}
-
-    def factory(p, **o):
-        return cls(p, lr=0.01 if opt_name == "sgd" else 1e-3, **kw, **o)
-
+    factory = functools.partial(cls, lr=0.01 if opt_name == "sgd" else 1e-3, **kw)  # as Hydra builds it
     groups = parameter_groups(net, 1e-4)
     opt = optimizer_for_capture(factory, groups) if capture else build_optimizer(factory, groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -45,7 +43,13 @@ def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
         sched.step()
     torch.cuda.synchronize()
     loss, acc, images = step.epoch_metrics()
-    return {"mode": step.mode, "replays": step.replays, "seconds": time.perf_counter() - t0, "loss": loss, "acc": acc}
+    return {
+        "mode": step.mode,
+        "replays": step.replays,
+        "seconds": time.perf_counter() - t0,
+        "loss": loss,
+        "acc": acc,
+    }
 
 
 def main() -> None:
@@ -56,7 +60,9 @@ def main() -> None:
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     x, y = make_synthetic(64 * 20 + 40, seed=1)  # 20 full batches and a short one per epoch
-    batches = DeviceBatches(x.to(dev), y.to(dev), 64, mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, augment=True, seed=3)
+    batches = DeviceBatches(
+        x.to(dev), y.to(dev), 64, mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, augment=True, seed=3
+    )
     results = {}
     for opt_name in ("adam", "sgd", "rmsprop"):
         for dtype in (None, torch.bfloat16):
