@@ -1,9 +1,11 @@
 """Evaluate a checkpoint on the test split.  python eval.py ckpt_path=runs/.../checkpoints/last.ckpt"""
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from cifarlab.cli import guarded
+from cifarlab import cli
 from cifarlab.config import register_configs
 
 register_configs()
@@ -13,8 +15,8 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     from cifarlab.evaluate import evaluate
 
-    return guarded(evaluate, cfg).get("test/acc")
+    return cli.guarded(evaluate, cfg).get("test/acc")
 
 
 if __name__ == "__main__":
-    main()
+    cli.main(main, Path(__file__).resolve().parent / "conf", "eval")

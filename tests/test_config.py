@@ -99,3 +99,38 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode == 1
     assert "ckpt_path=" in result.stderr and "an existing checkpoint file" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generated_optimizer_schemas_match_torch():
+    """cifarlab/torch_schemas.py is written once from torch.optim's signatures (so that --help and composing
+    need no torch); a torch upgrade that adds, drops or changes an argument must regenerate it."""
+    from cifarlab import schemagen
+
+    committed = schemagen.TARGET.read_text()
+    assert schemagen.generate() == committed, (
+        f"{schemagen.TARGET.name} is out of date with the installed torch or cifarlab.optim/model: "
+        f"run `{schemagen.COMMAND}` and commit the result"
+    )
+
+
+def test_the_config_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, cifarlab.config; cifarlab.config.register_configs(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_cfg_job_resolve_needs_no_running_job():
+    """``output_dir`` is Hydra's run folder in a run, and the folder a run would get where none runs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from cifarlab.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    assert cfg.output_dir == cfg.hydra.run.dir and cfg.output_dir.startswith("runs/")

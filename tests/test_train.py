@@ -191,3 +191,20 @@ def test_limit_of_one_batch_means_one_batch(tmp_path):
     """trainer.limit_train_batches=1 is one batch (an int), not 100% of the epoch."""
     metrics = train([*BRIEF, "trainer.max_epochs=1", "trainer.limit_train_batches=1"], tmp_path)
     assert metrics["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_prints_its_device_once_and_no_lightning_noise(tmp_path):
+    """cifarlab's one device line instead of Lightning's GPU/TPU/AMP lines and litlogger tip; a warning that
+    matters (old checkpoints in the run folder) still shows, and train.log keeps Lightning's lines."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "old.ckpt").write_text("from an earlier run\n")
+    result = run_script(TINY + [f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = result.stdout + result.stderr
+    for noise in ("GPU available", "TPU available", "litlogger", "Automatic Mixed Precision", "Tip:"):
+        assert noise not in shown, noise
+    device_lines = [line for line in result.stdout.splitlines() if line.startswith("device: ")]
+    assert len(device_lines) == 1 and device_lines[0].startswith("device: cpu, 1 process, "), device_lines
+    assert "Checkpoint directory" in result.stderr and "exists and is not empty" in result.stderr
+    assert "GPU available: False" in (tmp_path / "train.log").read_text()

@@ -5,17 +5,18 @@ Hydra composes the config, naming the key. ``validate`` then checks ranges and n
 ``ConfigError`` with one line: the setting, the bad value and what is allowed.
 """
 
-import inspect
 import math
 import os
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from cifarlab.model import ACTIVATIONS, INITS
+# Generated from torch.optim's signatures, cifarlab.optim and cifarlab.model (python -m cifarlab.schemagen):
+# importing torch here would cost every --help, --cfg job and misspelt setting ~3 s (2 AMD EPYC cores).
+from cifarlab.torch_schemas import ACTIVATIONS, COURSE_OPTIMIZERS, INITS, TORCH_OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -126,71 +127,6 @@ class EvalConf(TrainConf):
     ckpt_path: Optional[str] = None  # the checkpoint to evaluate (required)
 
 
-# ---- optimizers: one schema per optimizer class, generated from its constructor -------------------------
-
-# Handled elsewhere, so not config keys: params (the model's), weight_decay (model.weight_decay through
-# parameter groups), and implementation switches that would only confuse a search space.
-_NOT_CONFIG = {
-    "self",
-    "params",
-    "weight_decay",
-    "foreach",
-    "fused",
-    "capturable",
-    "differentiable",
-    "maximize",
-}
-
-TORCH_OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
-    # name: (class, defaults that differ from the class's own)
-    "sgd": (torch.optim.SGD, {"lr": 0.01}),
-    "momentum": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9}),
-    "nesterov": (torch.optim.SGD, {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
-    "adagrad": (torch.optim.Adagrad, {}),
-    "rmsprop": (torch.optim.RMSprop, {"lr": 0.001}),
-    "adam": (torch.optim.Adam, {}),
-    "adamw": (torch.optim.AdamW, {}),
-    "nadam": (torch.optim.NAdam, {}),
-    "radam": (torch.optim.RAdam, {}),
-}
-
-
-def _annotation_for(default: Any) -> Any:
-    if isinstance(default, bool):
-        return bool
-    if isinstance(default, (int, float)):
-        return float
-    if isinstance(default, (tuple, list)):
-        return list[float]
-    return Any
-
-
-def optimizer_schema(cls: type, overrides: dict[str, Any] | None = None, name: Optional[str] = None) -> type:
-    """A dataclass whose fields are ``cls``'s constructor arguments (with defaults), plus ``_target_``."""
-    overrides = overrides or {}
-    module = "torch.optim" if cls.__module__.startswith("torch.optim.") else cls.__module__
-    fields: list[tuple] = [
-        ("_target_", str, field(default=f"{module}.{cls.__qualname__}")),
-        ("_partial_", bool, field(default=True)),
-    ]
-    for param in inspect.signature(cls.__init__).parameters.values():
-        if param.name in _NOT_CONFIG or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        default = overrides.get(param.name, param.default)
-        if default is inspect.Parameter.empty:
-            continue
-        if isinstance(default, torch.Tensor):
-            default = default.item()
-        if isinstance(default, (tuple, list)):
-            fields.append((param.name, list[float], field(default_factory=lambda d=tuple(default): list(d))))
-        else:
-            annotation = _annotation_for(default)
-            if annotation is float and default is not None:
-                default = float(default)
-            fields.append((param.name, annotation, field(default=default)))
-    return make_dataclass(name or f"{cls.__name__}Conf", fields)
-
-
 # ---- schedulers ----------------------------------------------------------------------------------------
 
 
@@ -250,8 +186,21 @@ SCHEDULERS = {
 }
 
 
+def run_dir() -> str:
+    """``output_dir: ${cifarlab.run_dir:}``: Hydra's folder of this run (or of this multirun job). Where no
+    job runs (``--cfg job --resolve``), the folder a run would get, instead of Hydra's ``None``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    if OmegaConf.is_missing(hydra_cfg.runtime, "output_dir") or hydra_cfg.runtime.output_dir is None:
+        return str(hydra_cfg.run.dir)
+    return str(hydra_cfg.runtime.output_dir)
+
+
 def register_configs() -> None:
-    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    """Put every schema into Hydra's ConfigStore and the ``cifarlab.run_dir`` resolver in OmegaConf
+    (idempotent)."""
+    OmegaConf.register_new_resolver("cifarlab.run_dir", run_dir, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConf)
     cs.store(name="eval_schema", node=EvalConf)
@@ -260,18 +209,10 @@ def register_configs() -> None:
     cs.store(group="schema/trainer", name="trainer", node=TrainerConf)
     cs.store(group="schema/logger", name="logger", node=LoggerConf)
     cs.store(group="schema/callbacks", name="callbacks", node=CallbacksConf)
-    for name, (cls, overrides) in TORCH_OPTIMIZERS.items():
-        cs.store(group="schema/optimizer", name=name, node=optimizer_schema(cls, overrides, f"{name}_conf"))
-    try:
-        from cifarlab.optim import COURSE_OPTIMIZERS
-    except ImportError:  # the course optimizers are optional for the core
-        COURSE_OPTIMIZERS = {}
-    for name, cls in COURSE_OPTIMIZERS.items():
-        cs.store(
-            group="schema/optimizer/course",
-            name=name,
-            node=optimizer_schema(cls, None, f"course_{name}_conf"),
-        )
+    for name, node in TORCH_OPTIMIZERS.items():
+        cs.store(group="schema/optimizer", name=name, node=node)
+    for name, node in COURSE_OPTIMIZERS.items():
+        cs.store(group="schema/optimizer/course", name=name, node=node)
     for name, node in SCHEDULERS.items():
         cs.store(group="schema/scheduler", name=name, node=node)
 
@@ -319,20 +260,7 @@ def validate(cfg: DictConfig) -> None:
         m.weight_decay,
         "weight_decay >= 0",
     )
-    lr = cfg.optimizer.get("lr") if cfg.get("optimizer") is not None else None
-    _check(lr is not None and _number(lr) and lr > 0, "optimizer.lr", lr, "lr > 0")
-    for key in ("betas",):
-        if key in cfg.optimizer:
-            betas = list(cfg.optimizer[key])
-            _check(
-                len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
-                f"optimizer.{key}",
-                betas,
-                "two numbers in [0, 1)",
-            )
-    if "momentum" in cfg.optimizer:
-        mom = cfg.optimizer.momentum
-        _check(_number(mom) and 0 <= mom < 1, "optimizer.momentum", mom, "0 <= momentum < 1")
+    _check_optimizer(cfg.optimizer)
     _check(
         d.name in ("cifar10", "cifar100", "synthetic", "imagefolder"),
         "data.name",
@@ -353,11 +281,14 @@ def validate(cfg: DictConfig) -> None:
             d.num_classes is None or d.num_classes >= 2, "data.num_classes", d.num_classes, "num_classes >= 2"
         )
     if d.name == "imagefolder":
+        classes = (
+            [p for p in Path(d.root).iterdir() if p.is_dir()] if d.root and Path(d.root).is_dir() else []
+        )
         _check(
-            d.root is not None,
+            len(classes) >= 2,
             "data.root",
             d.root,
-            "a folder of class sub-folders (data.root=/path/to/train)",
+            "a folder with one sub-folder of images per class, at least 2 (data.root=/path/to/train)",
         )
     cache_dir = d.get("cache_dir")
     _check(
@@ -393,11 +324,12 @@ def validate(cfg: DictConfig) -> None:
         "offline, online, disabled",
     )
     if cfg.get("scheduler") is not None:
-        s = cfg.scheduler
-        if "gamma" in s:
-            _check(_number(s.gamma) and 0 < s.gamma <= 1, "scheduler.gamma", s.gamma, "0 < gamma <= 1")
-        if "step_size" in s:
-            _check(s.step_size >= 1, "scheduler.step_size", s.step_size, "step_size >= 1 (epochs)")
+        _check_numbers("scheduler", cfg.scheduler, SCHEDULER_RANGES)
+        for key, allowed in SCHEDULER_CHOICES.items():
+            if key in cfg.scheduler:
+                _check(
+                    cfg.scheduler[key] in allowed, f"scheduler.{key}", cfg.scheduler[key], ", ".join(allowed)
+                )
     allowed_metrics = (
         "val/acc_best",
         "val/acc",
@@ -413,3 +345,200 @@ def validate(cfg: DictConfig) -> None:
         cfg.optimized_metric,
         ", ".join(allowed_metrics),
     )
+    _check_numbers("data", d, DATA_RANGES)
+    _check_trainer(t)
+    _check_numbers("logger", cfg.logger, {"grad_norm_every_n_steps": INT_0, "init_timeout": POSITIVE})
+    _check(bool(str(cfg.logger.project).strip()), "logger.project", cfg.logger.project, "a W&B project name")
+    _check_numbers("callbacks", cfg.callbacks, {"early_stopping_patience": INT_0})
+    _check_numbers("", cfg, {"seed": SEED})
+    _check(
+        cfg.ckpt_path is None or Path(cfg.ckpt_path).is_file(),
+        "ckpt_path",
+        cfg.ckpt_path,
+        "an existing checkpoint file (<run>/checkpoints/last.ckpt)",
+    )
+
+
+# ---- ranges of numeric settings --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """``low <= x <= high`` (``<`` where open); ``integer``: whole numbers only; ``optional``: or null."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def __contains__(self, x: Any) -> bool:
+        if x is None:
+            return self.optional
+        if not _number(x) or (self.integer and not isinstance(x, int)):
+            return False
+        above = x > self.low if self.low_open else x >= self.low
+        below = x < self.high if self.high_open else x <= self.high
+        return above and below
+
+    def describe(self, name: str) -> str:
+        """``lr > 0``, ``0 <= momentum < 1``, ``max_lr > 0, or null``."""
+        if self.low > -math.inf and self.high < math.inf:
+            low, high = "<" if self.low_open else "<=", "<" if self.high_open else "<="
+            text = f"{self.low:g} {low} {name} {high} {self.high:g}"
+        elif self.low > -math.inf:
+            text = f"{name} {'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"{name} {'<' if self.high_open else '<='} {self.high:g}"
+        return f"{text}, or null" if self.optional else text
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1): decay rates, momentum
+INT_0 = Range(0, integer=True)
+INT_1 = Range(1, integer=True)
+SEED = Range(0, 2**32 - 1, integer=True)  # numpy's seed range
+
+# Every numeric constructor argument of the optimizers (torch.optim's and the course's) by name; a new one
+# fails tests/test_errors.py until it has a range here.
+OPTIMIZER_RANGES = {
+    "lr": POSITIVE,
+    "eps": NON_NEGATIVE,
+    "momentum": FRACTION,
+    "beta": FRACTION,
+    "rho": FRACTION,
+    "alpha": FRACTION,  # RMSprop's smoothing; 1 would never update the average
+    "dampening": Range(0, 1),
+    "lr_decay": NON_NEGATIVE,
+    "initial_accumulator_value": NON_NEGATIVE,
+    "momentum_decay": NON_NEGATIVE,
+    "decay": Range(0, 1),
+    "c": NON_NEGATIVE,
+}
+SCHEDULER_RANGES = {
+    "step_size": INT_1,
+    "gamma": Range(0, 1, low_open=True),
+    "warmup_epochs": NON_NEGATIVE,
+    "warmup_start_factor": Range(0, 1, low_open=True),
+    "min_lr": NON_NEGATIVE,
+    "max_lr": Range(0, low_open=True, optional=True),
+    "pct_start": Range(0, 1, low_open=True, high_open=True),
+    "div_factor": POSITIVE,
+    "final_div_factor": POSITIVE,
+    "factor": Range(0, 1, low_open=True, high_open=True),
+    "patience": INT_0,
+    "threshold": NON_NEGATIVE,
+}
+SCHEDULER_CHOICES = {
+    "anneal_strategy": ("cos", "linear"),
+    "monitor": ("val/acc", "val/loss"),
+    "mode": ("max", "min"),
+}
+DATA_RANGES = {
+    "batch_size": INT_1,
+    "eval_batch_size": INT_1,
+    "val_size": INT_1,
+    "train_size": INT_1,
+    "test_size": INT_1,
+    "num_classes": Range(2, integer=True, optional=True),
+    "image_size": Range(8, integer=True),  # three 2x poolings
+    "split_seed": SEED,
+}
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
+BATCH_LIMIT = "a fraction 0 < x <= 1.0 of the batches or a number of batches >= 1"
+
+
+def _check_numbers(section: str, node: Any, ranges: dict[str, Range]) -> None:
+    for key, allowed in ranges.items():
+        if key in node:
+            name = f"{section}.{key}" if section else key
+            _check(node[key] in allowed, name, node[key], allowed.describe(key))
+
+
+def _check_optimizer(opt: Any) -> None:
+    _check(opt is not None and "lr" in opt, "optimizer", opt, "an optimizer with a learning rate lr")
+    _check_numbers("optimizer", opt, OPTIMIZER_RANGES)
+    if "betas" in opt:
+        betas = list(opt.betas)
+        _check(
+            len(betas) == 2 and all(b in FRACTION for b in betas),
+            "optimizer.betas",
+            betas,
+            "two numbers in [0, 1)",
+        )
+    if opt.get("nesterov"):
+        _check(
+            opt.get("momentum", 0) > 0 and opt.get("dampening", 0) == 0,
+            "optimizer.nesterov",
+            True,
+            "true only with optimizer.momentum > 0 and optimizer.dampening=0 (or optimizer=nesterov)",
+        )
+
+
+def _check_trainer(t: Any) -> None:
+    _check(t.accelerator in ACCELERATORS, "trainer.accelerator", t.accelerator, ", ".join(ACCELERATORS))
+    devices = t.devices
+    listed = OmegaConf.is_list(devices) or isinstance(devices, list)
+    _check(
+        devices == "auto"
+        or (devices in INT_1 or devices == -1)
+        or (
+            listed
+            and len(devices) > 0
+            and all(d in INT_0 for d in devices)
+            and len(set(devices)) == len(devices)
+        ),
+        "trainer.devices",
+        devices,
+        "auto, a number of devices >= 1, -1 (all), or a list of device ids like [0,1]",
+    )
+    _check(t.strategy in STRATEGIES, "trainer.strategy", t.strategy, ", ".join(STRATEGIES))
+    _check(t.num_nodes in INT_1, "trainer.num_nodes", t.num_nodes, "num_nodes >= 1")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        limit = t[key]
+        ok = limit in INT_1 if isinstance(limit, int) else limit in Range(0, 1, low_open=True)
+        _check(ok, f"trainer.{key}", limit, BATCH_LIMIT)
+    _check_numbers(
+        "trainer",
+        t,
+        {
+            "gradient_clip_val": Range(0, optional=True),
+            "log_every_n_steps": INT_1,
+            "check_val_every_n_epoch": INT_1,
+            "num_sanity_val_steps": Range(-1, integer=True),
+        },
+    )
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """The accelerator and device count asked for exist on this machine (imports torch: call it where a
+    run starts, not while composing)."""
+    import torch
+
+    t = cfg.trainer
+    accelerator, devices = str(t.accelerator), t.devices
+    if accelerator in ("gpu", "cuda"):
+        _check(
+            torch.cuda.is_available(),
+            "trainer.accelerator",
+            accelerator,
+            "cpu or auto on this machine (no CUDA GPU found)",
+        )
+    if accelerator == "mps":
+        _check(
+            torch.backends.mps.is_available(), "trainer.accelerator", accelerator, "cpu or auto (no MPS here)"
+        )
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_gpu:
+        count = torch.cuda.device_count()
+        wanted = devices if isinstance(devices, int) else None
+        ids = list(devices) if OmegaConf.is_list(devices) else []
+        _check(
+            (wanted is None or wanted <= count) and all(i < count for i in ids),
+            "trainer.devices",
+            devices,
+            f"auto, -1, 1 to {count} or ids in 0..{count - 1} ({count} GPU(s) on this machine)",
+        )

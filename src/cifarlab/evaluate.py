@@ -5,23 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab.config import ConfigError
+from cifarlab.checkpoints import read_checkpoint
+from cifarlab.config import ConfigError, check_hardware, validate
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from cifarlab.train import build_datamodule, build_module, build_trainer, write_json
 
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
+        raise ConfigError("ckpt_path is missing; allowed: ckpt_path=runs/<date>/<time>/checkpoints/last.ckpt")
+    validate(cfg)  # the trainer settings are this command's; the rest comes from the checkpoint
+    check_hardware(cfg)
     path = Path(str(cfg.ckpt_path))
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={str(path)!r} is not allowed; allowed: an existing checkpoint file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if "cifarlab_config" not in checkpoint:
-        raise ConfigError(
-            f"ckpt_path={str(path)!r} is not allowed; allowed: a checkpoint written by cifarlab"
-        )
+    checkpoint = read_checkpoint(path)
     run_cfg = OmegaConf.create(checkpoint["cifarlab_config"])
     # The checkpoint decides what the model and data are; this command decides where and how to run.
     run_cfg.trainer = cfg.trainer

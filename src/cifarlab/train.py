@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -13,7 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cifarlab.config import ConfigError, validate
+from cifarlab.checkpoints import check_resumable, read_checkpoint
+from cifarlab.config import check_hardware, validate
 
 
 def resolve_precision(precision: Any, accelerator: str) -> str:
@@ -159,6 +161,17 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
+def start_line(trainer, ckpt_path: str | None = None) -> str:
+    """``device: cpu, 1 process, bf16-mixed``: what Lightning chose, once, in place of its own lines (which
+    cifarlab.cli.TerminalFilter keeps off the terminal; <run>/train.log has them)."""
+    device = trainer.strategy.root_device
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+    count = trainer.num_devices * trainer.num_nodes
+    processes = f"{count} processes ({type(trainer.strategy).__name__})" if count > 1 else "1 process"
+    resume = f"; resuming from {ckpt_path}" if ckpt_path else ""
+    return f"device: {name}, {processes}, {trainer.precision}{resume}"
+
+
 def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {
         k: float(v)
@@ -177,8 +190,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, validate every epoch, test the best checkpoint; write metrics.json; return the metrics."""
     validate(cfg)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not allowed; allowed: an existing checkpoint file")
+    check_hardware(cfg)
+    if cfg.ckpt_path is not None:  # read here too (a few MB), so a wrong file is one line, not a traceback
+        check_resumable(read_checkpoint(cfg.ckpt_path), cfg, cfg.ckpt_path)
     import lightning as L
 
     from cifarlab.loggers import build_logger, finish_logger, is_rank_zero
@@ -219,6 +233,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(
         cfg, output_dir, logger, extra_callbacks=[*run_callbacks(cfg, output_dir, logger), *sweep_callbacks]
     )
+    if trainer.is_global_zero:
+        logging.getLogger("cifarlab").info(start_line(trainer, cfg.ckpt_path))
 
     start = time.perf_counter()
     metrics: dict[str, Any] = {"status": "running", "run_name": run_name, "output_dir": str(output_dir)}
