@@ -8,10 +8,16 @@ Hydra plugin in ``hydra_plugins/cifarlab_sweeper``. The pieces:
 - :mod:`~cifarlab.sweeper.slots`: device slots (one or more per GPU, or CPU slots with a thread budget).
 - :mod:`~cifarlab.sweeper.study`: Optuna storage (journal file, SQLite, PostgreSQL), budget counting,
   stale-trial recovery.
-- :mod:`~cifarlab.sweeper.runner`: the asynchronous ask/launch/tell loop over trial subprocesses.
+- :mod:`~cifarlab.sweeper.settings`: ``hydra.sweeper.*`` and the composed config → :class:`SweepSettings`.
+- :mod:`~cifarlab.sweeper.runner`: the asynchronous ask/launch/tell loop (orchestration only).
+- :mod:`~cifarlab.sweeper.launch_fork`: warm trials, forked from a server that preloaded the task's libraries
+  (:mod:`~cifarlab.sweeper.preload` runs in that server); :mod:`~cifarlab.sweeper.launch_subprocess`: trials
+  as fresh processes (``task_command``, launcher workers).
+- :mod:`~cifarlab.sweeper.outcome`: what a finished trial left (metrics.json, its return value, its log).
 - :mod:`~cifarlab.sweeper.results`: ``optimization_results.yaml``, ``trials.csv``, plots, progress lines.
 - :mod:`~cifarlab.sweeper.trial`: inside a trial process, reports ``val/acc`` to Optuna and stops a pruned run.
-- :mod:`~cifarlab.sweeper.bench`: slot utilisation of the asynchronous loop against batch-synchronous trials.
+- :mod:`~cifarlab.sweeper.bench`: warm against cold trial start; the asynchronous loop against batch-synchronous
+  trials.
 
 Importing this package is cheap (no optuna, no torch): Hydra imports the plugin in every run.
 """

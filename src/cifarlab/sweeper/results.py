@@ -414,7 +414,9 @@ def finish(study: optuna.Study, sweep: Any, wall: float) -> dict[str, int]:
 
 def _wandb_summary(study: optuna.Study, sweep_dir: Path, s: Any) -> None:
     """Call cifarlab.loggers.log_sweep_summary when it exists (the W&B helper); never fail the sweep."""
-    cfg = s.logger_cfg if isinstance(s.logger_cfg, dict) else {}
+    cfg = s.logger_cfg
+    if not isinstance(cfg, dict):  # the task has no logger config (e.g. a plain Hydra app): nothing to log to
+        return
     if cfg.get("name", "wandb") != "wandb" or cfg.get("mode") == "disabled":
         return  # nothing to log to (and importing the loggers would cost seconds)
     try:
