@@ -213,3 +213,21 @@ def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
     for bad in ("trainer.steps_per_call=0", "trainer.capture=maybe"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             validate(compose_train([bad]))
+
+
+def test_a_checkpoint_from_automatic_optimization_resumes_at_its_step(tmp_path):
+    """Checkpoints written before manual optimization count steps in the automatic loop: resumed, they go on
+    from that global_step."""
+    base = TINY + ["trainer.max_epochs=1"]
+    fit(base, tmp_path / "first")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    loops = ckpt["loops"]["fit_loop"]
+    manual = loops["epoch_loop.manual_optimization.optim_step_progress"]
+    automatic = loops["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"]
+    for k in ("total", "current"):
+        automatic[k].update(ready=manual[k]["ready"], completed=manual[k]["completed"])
+        manual[k].update(ready=0, completed=0)
+    torch.save(ckpt, last)
+    _, trainer = fit(base + ["trainer.max_epochs=2"], tmp_path / "second", ckpt_path=str(last))
+    assert trainer.global_step == 14

@@ -285,6 +285,7 @@ class CifarModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _carry_automatic_step_count(checkpoint)
         best = checkpoint.get("val_acc_best")
         if best is not None:  # resumed runs keep their best-so-far accuracy
             self.val_acc_best(torch.tensor(best))
@@ -297,3 +298,21 @@ class CifarModule(L.LightningModule):
                 and len(rng["cuda"]) == torch.cuda.device_count()
             ):
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _carry_automatic_step_count(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written before the module used manual optimization counts its optimizer steps in the
+    automatic loop's progress; Lightning reads the manual loop's now: carry the count over, so a resumed run
+    goes on from its global_step rather than from 0. (Runs before Lightning restores the loops from this dict.)"""
+    loops = checkpoint.get("loops", {}).get("fit_loop", {})
+    automatic = loops.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
+    manual = loops.get("epoch_loop.manual_optimization.optim_step_progress")
+    old, new = automatic.get("step", {}), manual or {}
+    if (
+        old.get("total", {}).get("completed")
+        and not new.get("total", {}).get("completed")
+        and manual is not None
+    ):
+        for key in ("total", "current"):
+            if key in old and key in manual:
+                manual[key].update({k: old[key][k] for k in ("ready", "completed") if k in old[key]})
