@@ -236,6 +236,13 @@ def test_unknown_option_of_every_group_is_one_line(group):
     assert message.split("allowed: ")[1].strip(), message
 
 
+@pytest.mark.parametrize(
+    "group", ["callbacks", "data", "logger", "model", "optimizer", "scheduler", "trainer"]
+)
+def test_no_option_for_a_group_that_needs_one_is_one_line(group):
+    _assert_one_line(error_line([f"{group}=null"]), group, [f"{group}=null"])
+
+
 def test_misspelt_key_names_the_keys_that_exist():
     message = error_line(["optimizer=sgd", "optimizer.lrr=0.1"])
     assert message == (
@@ -253,6 +260,9 @@ def test_issue_cases_in_process(tmp_path):
         f"data.root='{missing}' is not allowed; allowed: a folder with one sub-folder of images per class"
     )
     assert error_line(["optimizer=sgd", "optimizer.nesterov=true"]).startswith("optimizer.nesterov=True")
+    assert error_line(["data.val_size=50000"]).startswith(
+        "data.val_size=50000 is not allowed; allowed: val_size <"
+    )
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")

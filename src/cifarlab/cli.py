@@ -103,6 +103,10 @@ def one_line(err: BaseException, args: Sequence[str], conf_dir: Path) -> str:
         hint = typing.get_type_hints(schema).get(full_key.rpartition(".")[2])
         if hint is not None and _describe(hint):
             return f"{_override(full_key, args)} is not allowed; allowed: {_describe(hint)}"
+    for arg in args:  # optimizer=null: Hydra's message names no group
+        group, _, value = arg.partition("=")
+        if value == "null" and group_options(conf_dir, group) and "must be a string" in str(err):
+            return f"{arg} is not allowed; allowed: {', '.join(group_options(conf_dir, group))}"
     if isinstance(err, OverrideParseException):
         return f"{err.override} is not a valid override: {str(err).splitlines()[0]}"
     lines = [str(err).strip().splitlines()[0]]

@@ -346,6 +346,8 @@ def validate(cfg: DictConfig) -> None:
         ", ".join(allowed_metrics),
     )
     _check_numbers("data", d, DATA_RANGES)
+    if d.name in ("cifar10", "cifar100"):  # 50,000 training images, val_size of them for validation
+        _check(d.val_size < 50000, "data.val_size", d.val_size, "val_size < 50000 (the CIFAR training set)")
     _check_trainer(t)
     _check_numbers("logger", cfg.logger, {"grad_norm_every_n_steps": INT_0, "init_timeout": POSITIVE})
     _check(bool(str(cfg.logger.project).strip()), "logger.project", cfg.logger.project, "a W&B project name")
