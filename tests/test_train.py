@@ -208,3 +208,10 @@ def test_a_run_prints_its_device_once_and_no_lightning_noise(tmp_path):
     assert len(device_lines) == 1 and device_lines[0].startswith("device: cpu, 1 process, "), device_lines
     assert "Checkpoint directory" in result.stderr and "exists and is not empty" in result.stderr
     assert "GPU available: False" in (tmp_path / "train.log").read_text()
+    evaluated = run_script(
+        [f"ckpt_path={tmp_path}/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/eval"], script="eval.py"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert evaluated.stdout.splitlines()[0].startswith("device: cpu, 1 process, ")
+    for noise in ("GPU available", "TPU available", "litlogger", "Automatic Mixed Precision", "INFO"):
+        assert noise not in evaluated.stdout + evaluated.stderr, noise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ from cifarlab.config import ConfigError, check_hardware, validate
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    from cifarlab.train import build_datamodule, build_module, build_trainer, write_json
+    from cifarlab.train import (
+        build_datamodule,
+        build_module,
+        build_trainer,
+        quiet_lightning,
+        start_line,
+        write_json,
+    )
 
     if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.ckpt_path is None:
         raise ConfigError("ckpt_path is missing; allowed: ckpt_path=runs/<date>/<time>/checkpoints/last.ckpt")
@@ -31,7 +39,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(run_cfg)
     module = build_module(run_cfg, datamodule.num_classes, checkpoint["cifarlab_config"])
     module.load_state_dict(checkpoint["state_dict"])
+    quiet_lightning()
     trainer = build_trainer(run_cfg, output_dir)
+    logging.getLogger("cifarlab").info(start_line(trainer))
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics["ckpt_path"] = str(path)
