@@ -196,6 +196,8 @@ class ForkLauncher:
     def _server_env(self) -> contextlib.AbstractContextManager[None]:
         """The environment the server starts with (again, should it have died: Process.start restarts it)."""
         variables = {k: "1" for k in THREAD_VARS}  # BLAS/OpenMP libraries start no thread pools when loaded
+        # should an import ask torch.cuda.is_available(), NVML answers: the CUDA driver stays uninitialised here
+        variables["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         variables.update({ENV_PRELOAD: ",".join(self.preload), ENV_MAIN: self.preload_main or ""})
         return _environment(variables)
 
