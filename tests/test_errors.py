@@ -358,3 +358,15 @@ def test_help_and_composition_errors_do_not_import_torch():
         )
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
         assert "hydra" in imported and "torch" not in imported, args
+
+
+def test_a_bug_is_not_mistaken_for_a_usage_error():
+    """Only Hydra's and OmegaConf's errors about the command line become one line; a bug keeps its traceback."""
+    from hydra.errors import ConfigCompositionException
+
+    assert cli.is_usage_error(ConfigCompositionException("Could not override 'x'"))
+    assert not cli.is_usage_error(AttributeError("'str' object has no attribute 'get'"))
+    try:
+        raise ValueError("a bug of ours")
+    except ValueError as err:
+        assert not cli.is_usage_error(err)

@@ -68,9 +68,24 @@ def main(hydra_main: Callable[[], Any], conf_dir: Path, config_name: str) -> Non
     try:
         hydra_main()
     except Exception as err:
-        if _task_started:  # a bug in the task, not a mistake on the command line
+        if _task_started or not is_usage_error(err):  # a bug, not a mistake on the command line
             raise
         fail(one_line(err, args, conf_dir))
+
+
+def is_usage_error(err: BaseException) -> bool:
+    """An error Hydra or OmegaConf raise about the command line or the config (composition, overrides,
+    flags), as opposed to a bug in cifarlab's own code, whose traceback must show."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, (HydraException, OmegaConfBaseException)):
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = Path(tb.tb_frame.f_code.co_filename).parts if tb is not None else ()
+    return isinstance(err, ValueError) and "hydra" in where  # e.g. "Only one of --run, --multirun, --cfg"
 
 
 # ---- Hydra's composition errors as one line ------------------------------------------------------------
