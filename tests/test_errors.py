@@ -358,6 +358,12 @@ def test_help_and_composition_errors_do_not_import_torch():
         )
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
         assert "hydra" in imported and "torch" not in imported, args
+        if args == ["--help"]:
+            assert (
+                result.returncode == 0
+                and "\noptimizer: adagrad, adam, adamw, course/adagrad" in result.stdout
+            )
+            assert "schema/" not in result.stdout and "== Config ==" in result.stdout
 
 
 def test_a_bug_is_not_mistaken_for_a_usage_error():

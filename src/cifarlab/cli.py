@@ -4,14 +4,14 @@ answers without importing torch.
 ``python train.py ...`` runs ``main(hydra_main, conf_dir, "train")``:
 
 - ``--help`` is answered here (``print_help``) from the YAML folders and one composed config. Hydra's own
-  help lists the same, but deep-copies its whole config store once per group (~170 times, ~2 s on 2 AMD
+  help lists the same, but deep-copies its whole config store once per group (~170 times, ~2.4 s on 2 AMD
   EPYC cores); ``hydra.help`` in ``conf/train.yaml`` still gives the header, footer and template.
 - A mistake Hydra finds while composing (a misspelt key, a wrong type, an unknown option) and one cifarlab
   finds before training (``ConfigError``, ``DataError``) print ``error: key=value is not allowed; allowed:
   ...`` (``one_line``). Hydra would print several lines and a hint about ``HYDRA_FULL_ERROR``; cifarlab sets
   that variable so that Hydra raises instead, and formats the error itself. A user who sets
   ``HYDRA_FULL_ERROR=1`` still gets Hydra's full traceback.
-- An exception raised after the task has started that is not a ConfigError/DataError is a bug: its
+- Any other exception (raised by cifarlab's own code, in the task or in the sweep process) is a bug: its
   traceback is shown.
 """
 
@@ -201,7 +201,10 @@ def print_help(conf_dir: Path, config_name: str, args: Sequence[str]) -> None:
         HYDRA_CONFIG_GROUPS="(python train.py --hydra-help)",
         CONFIG=OmegaConf.to_yaml(job_cfg),
     )
-    print(text)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # python train.py --help | head: as the Python docs advise, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # ---- the terminal --------------------------------------------------------------------------------------
