@@ -18,7 +18,7 @@ TARGET = Path(__file__).with_name("torch_schemas.py")
 COMMAND = "python -m cifarlab.schemagen"
 
 # name: (class path, defaults that differ from the class's own)
-TORCH_OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+OPTIMIZER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "sgd": ("torch.optim.SGD", {"lr": 0.01}),
     "momentum": ("torch.optim.SGD", {"lr": 0.01, "momentum": 0.9}),
     "nesterov": ("torch.optim.SGD", {"lr": 0.01, "momentum": 0.9, "nesterov": True}),
@@ -100,7 +100,7 @@ def generate() -> str:
     from cifarlab.optim import COURSE_OPTIMIZERS
 
     blocks, torch_names, course_names = [], [], []
-    for name, (path, overrides) in TORCH_OPTIMIZERS.items():
+    for name, (path, overrides) in OPTIMIZER_CLASSES.items():
         class_name = f"{_camel(name)}Conf"
         blocks.append(_schema(class_name, path, _class(path), overrides))
         torch_names.append(f'    "{name}": {class_name},')
