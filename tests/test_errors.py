@@ -314,12 +314,18 @@ def not_a_checkpoint(tmp_path_factory) -> Path:
             ["data=imagefolder", "data.root=/nonexistent"],
             "error: data.root='/nonexistent' is not",
         ),
-        (
+        pytest.param(  # these two import torch and Lightning first: ~5 s each
             "train.py",
             ["data=synthetic", "ckpt_path=NOT_A_CKPT"],
             "error: ckpt_path='NOT_A_CKPT' is not allowed",
+            marks=pytest.mark.slow,
         ),
-        ("eval.py", ["ckpt_path=NOT_A_CKPT"], "error: ckpt_path='NOT_A_CKPT' is not allowed"),
+        pytest.param(
+            "eval.py",
+            ["ckpt_path=NOT_A_CKPT"],
+            "error: ckpt_path='NOT_A_CKPT' is not allowed",
+            marks=pytest.mark.slow,
+        ),
         ("train.py", ["data=synthetic", "trainer.devices=0"], "error: trainer.devices=0 is not allowed"),
     ],
 )
