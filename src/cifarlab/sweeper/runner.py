@@ -142,10 +142,12 @@ def claim_dir(sweep_dir: Path, number: int) -> Path:
 class Sweep:
     def __init__(self, settings: SweepSettings, slots: list[Slot] | None = None) -> None:
         self.s = settings
+        self.t0 = time.time()  # the sweep's wall clock starts here
+        self.launcher = _launcher(settings)
+        self.launcher.start()  # a warm launcher's server imports while this process sets up the sweep
         self.sweep_dir = Path(settings.sweep_dir)
         self.packing = ""  # what trials_per_gpu=auto chose, and why
         self.slots = SlotPool(slots or self._plan_slots())
-        self.launcher = _launcher(settings)
         self.space, self.base_overrides = build_space(
             settings.params, settings.arguments, settings.conditional, settings.context
         )
@@ -254,8 +256,7 @@ class Sweep:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        t0 = time.time()
-        self.launcher.start()  # a warm launcher's server imports meanwhile
+        t0 = self.t0
         storage = make_storage(self.s.storage)
         study = open_study(self.s.storage, self.s.study_name, self.s.directions, storage=storage)
         heartbeat(study, self.me, len(self.slots), t0)
