@@ -358,3 +358,13 @@ def test_auto_packing_plans_the_slots_and_says_why(tmp_path, monkeypatch):
     assert {s.gpus for s in sweep.slots.slots} == {("0",), ("1",)}
     settings.trial_memory_gb = 30.0  # 0.85 × 80 GB holds two
     assert len(Sweep(settings).slots) == 4
+
+
+def test_a_call_in_a_fork_of_the_warm_server_reports_its_error():
+    from cifarlab.sweeper.launch_fork import ForkLauncher, WarmTask
+
+    launcher = ForkLauncher(WarmTask("cifarlab.sweeper.outcome", "finite", None, "t", ()), ".", preload=[])
+    launcher.start()
+    assert launcher.call("cifarlab.sweeper.outcome:finite", {"name": "x"}) is None
+    error = launcher.call("json:dumps", {"name": "x"})
+    assert error.startswith("TypeError:") and "DictConfig" in error

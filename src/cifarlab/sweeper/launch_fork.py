@@ -224,6 +224,8 @@ class ForkLauncher:
 
         with open(log_path, "w") as log_file:
             log_file.write(f"$ (warm fork) {self.task.task_name} " + " ".join(overrides) + "\n")
+        with self._server_env():
+            forkserver.ensure_running()  # (restarted, should it have died): the trial's parent is this server
         server_pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
         spec = ChildSpec(
             self.task, tuple(overrides), dict(env), str(log_path), self.cwd, threads, os.getpid(), server_pid
