@@ -3,7 +3,7 @@
 The sweep process starts Python's own fork server (``multiprocessing``'s ``forkserver`` context) once, with the
 task script and torch, Lightning, Optuna and cifarlab preloaded (:mod:`cifarlab.sweeper.preload`). Each trial is
 then a fresh fork of that server: no interpreter start, no imports, so a trial begins its work within a fraction
-of a second instead of ~10 s (torch + Lightning imports on a 2-core AMD EPYC).
+of a second instead of after 5-10 s (torch + Lightning imports on a 2-core AMD EPYC).
 
 Each trial stays its own process, exactly like a subprocess trial (:mod:`cifarlab.sweeper.launch_subprocess`):
 

@@ -1,6 +1,6 @@
 """Start a trial as a fresh process: ``<task_command> <overrides>`` (e.g. ``python train.py ... hydra.run.dir=...``).
 
-The cold way: every trial imports its libraries anew (~10 s for torch + Lightning on a 2-core AMD EPYC). It is
+The cold way: every trial imports its libraries anew (5-10 s for torch + Lightning on a 2-core AMD EPYC). It is
 used for ``hydra.sweeper.task_command`` (any script that writes metrics.json), for sweep processes that run as
 Hydra launcher jobs (``hydra.sweeper.workers``, e.g. SLURM), with ``hydra.sweeper.launch=subprocess``, and where
 the task function cannot be found again by name. Otherwise trials start warm: :mod:`cifarlab.sweeper.launch_fork`.
