@@ -368,3 +368,26 @@ def test_a_call_in_a_fork_of_the_warm_server_reports_its_error():
     assert launcher.call("cifarlab.sweeper.outcome:finite", {"name": "x"}) is None
     error = launcher.call("json:dumps", {"name": "x"})
     assert error.startswith("TypeError:") and "DictConfig" in error
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_stops_warm_trials_and_queues_them_again(tmp_path):
+    cmd = [PY, str(_app(tmp_path)), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "sleep=120"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 120
+    infos: list[Path] = []
+    while time.time() < deadline and len(infos) < 2:
+        infos = list((tmp_path / "sweep").glob("trial_*/info.json"))
+        time.sleep(0.2)
+    assert len(infos) == 2, "the trials did not start"
+    pids = [json.loads(p.read_text())["pid"] for p in infos]
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    assert not any(_alive(pid) for pid in pids)
+    trials = _trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
+    assert all(t.user_attrs[FAIL_REASON] == "interrupted" for t in trials[:2])
