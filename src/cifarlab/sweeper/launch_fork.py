@@ -181,7 +181,8 @@ class ForkLauncher:
         # the script, imported in the server as multiprocessing would in each child (Python 3.11's forkserver
         # means to preload "__main__" but never finds its path, so every trial would import the script again)
         main = sys.modules.get("__main__")
-        path = getattr(main, "__file__", None) if task.module == "__main__" else None
+        by_path = task.module == "__main__" and getattr(main, "__spec__", None) is None  # not `python -m`
+        path = getattr(main, "__file__", None) if by_path else None
         self.preload_main = os.path.normpath(os.path.abspath(path)) if path else None
 
     def start(self) -> None:
