@@ -435,8 +435,15 @@ def run_captured(job: dict[str, Any]) -> dict[str, Any]:
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     channels_last = bool(cfg.trainer.channels_last)
     batches = DeviceBatches(
-        x[:n].to(device), y[:n].to(device), cfg.data.batch_size, mean=mean, std=std, shuffle=True,
-        augment=cfg.data.augment, seed=job["seed"], channels_last=channels_last,
+        x[:n].to(device),
+        y[:n].to(device),
+        cfg.data.batch_size,
+        mean=mean,
+        std=std,
+        shuffle=True,
+        augment=cfg.data.augment,
+        seed=job["seed"],
+        channels_last=channels_last,
     )
     torch.manual_seed(job["seed"])
     torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)
@@ -444,7 +451,9 @@ def run_captured(job: dict[str, Any]) -> dict[str, Any]:
     net = CifarCNN(10, dropout=m.dropout, activation=m.activation, init=m.init).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    optimizer = optimizer_for_capture(instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, m.weight_decay))
+    optimizer = optimizer_for_capture(
+        instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, m.weight_decay)
+    )
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     step = TrainStep(net, optimizer, capture=device.type == "cuda", autocast_dtype=dtype)
     net.train()
@@ -458,8 +467,12 @@ def run_captured(job: dict[str, Any]) -> dict[str, Any]:
         step(batches, plan)
         clock.step_end(plan.shape[1])
     out = clock.stop()
-    out.update(batch_size=cfg.data.batch_size, precision=precision, layout="NHWC" if channels_last else "NCHW",
-               step_mode=step.mode)
+    out.update(
+        batch_size=cfg.data.batch_size,
+        precision=precision,
+        layout="NHWC" if channels_last else "NCHW",
+        step_mode=step.mode,
+    )
     return out
 
 
@@ -921,11 +934,17 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
             checks["cpu_train_over_plain"] = r["train_over_plain_paired"] >= TARGETS["cpu_train_over_plain"]
     c = results["runs"].get("train")
     if results["machine"]["cuda"] and c:
-        setting = {(64, "32-true"): "b64_fp32", (512, "bf16-mixed"): "b512_bf16"}.get((c["batch_size"], c["precision"]))
+        setting = {(64, "32-true"): "b64_fp32", (512, "bf16-mixed"): "b512_bf16"}.get(
+            (c["batch_size"], c["precision"])
+        )
         if setting:
-            checks[f"gpu_train_img_per_s_{setting}"] = c["img_per_s"] >= TARGETS[f"gpu_train_img_per_s_{setting}"]
+            checks[f"gpu_train_img_per_s_{setting}"] = (
+                c["img_per_s"] >= TARGETS[f"gpu_train_img_per_s_{setting}"]
+            )
         if r.get("train_over_captured_paired") is not None:
-            checks["gpu_train_over_captured"] = r["train_over_captured_paired"] >= TARGETS["gpu_train_over_captured"]
+            checks["gpu_train_over_captured"] = (
+                r["train_over_captured_paired"] >= TARGETS["gpu_train_over_captured"]
+            )
     d = results.get("gpu_trials", {}).get("by_trials", {})
     if results["machine"]["cuda"] and d:
         if "1" in d:
@@ -1031,7 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.trials == "none":
             args.trials = []
         else:
-            args.trials = [int(k) for k in args.trials.split(",")] if args.trials else ([1, 2, 4] if cuda else [])
+            args.trials = (
+                [int(k) for k in args.trials.split(",")] if args.trials else ([1, 2, 4] if cuda else [])
+            )
         run_seed_baseline = cuda if args.seed_baseline is None else args.seed_baseline
         results: dict[str, Any] = {
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
