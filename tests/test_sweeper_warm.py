@@ -391,3 +391,34 @@ def test_ctrl_c_stops_warm_trials_and_queues_them_again(tmp_path):
     trials = _trials(tmp_path)
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
     assert all(t.user_attrs[FAIL_REASON] == "interrupted" for t in trials[:2])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_sweep_decodes_an_image_folder_once_before_its_first_trial(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(24):
+            Image.new("RGB", (12, 12), (i * 10, 100 if label == "cat" else 200, 50)).save(
+                root / label / f"{i}.png"
+            )
+    sweep = tmp_path / "sweep"
+    train_py = Path(__file__).resolve().parents[1] / "train.py"
+    cmd = [PY, str(train_py), "-m", "hparams_search=synthetic_tiny", "data=imagefolder", f"data.root={root}"]
+    cmd += ["data.image_size=16", "data.val_size=8", "data.test_size=8", "data.batch_size=16"]
+    cmd += ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "hydra/sweeper/pruner=none"]
+    cmd += ["hydra.sweeper.n_trials=2", "hydra.sweeper.plots=false", f"hydra.sweep.dir={sweep}"]
+    env = {**_env(tmp_path), "CIFARLAB_DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "data cache not warmed" not in result.stdout
+    cached = [p for p in (tmp_path / "data" / "cache").rglob("*") if p.is_file()]
+    assert cached, "nothing was cached"
+    storage = make_storage(f"journal:{sweep / 'journal.log'}")
+    trials = optuna.load_study(study_name="synthetic_tiny", storage=storage).get_trials()
+    first_trial = min(t.datetime_start.timestamp() for t in trials)
+    assert max(p.stat().st_mtime for p in cached) <= first_trial  # built before any trial began
+    assert "2 complete" in result.stdout
