@@ -133,4 +133,7 @@ def test_cfg_job_resolve_needs_no_running_job():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
-    assert cfg.output_dir == cfg.hydra.run.dir and cfg.output_dir.startswith("runs/")
+    try:
+        assert cfg.output_dir == cfg.hydra.run.dir and cfg.output_dir.startswith("runs/")
+    finally:  # HydraConfig is process-wide: leave none behind for the next test in this worker
+        HydraConfig.instance().cfg = None

@@ -919,6 +919,10 @@ def table(results: dict[str, Any]) -> str:
             f"sweeper slot utilisation: async {sw['async']['utilisation']:.0%} vs batch-synchronous "
             f"{sw['sync']['utilisation']:.0%} (ratio {sw['ratio']:.2f})"
         )
+    if sw.get("warm_start", {}).get("n_trials"):
+        from cifarlab.sweeper import bench as sweeper_bench
+
+        lines.append(sweeper_bench.describe_warm_start(sw["warm_start"]))
     return "\n".join(lines)
 
 

@@ -314,13 +314,15 @@ def run_task(task: WarmTask, overrides: list[str], job_dir: Path) -> int:
         if value is not None and result["values"] is None:
             result["error"] = f"the task function returned {type(value).__name__}, not a number or a sequence"
         return 0
-    except SystemExit as err:  # e.g. cifarlab.cli.guarded: the one-line error is in the log
-        code = err.code if isinstance(err.code, int) else 1
-        result = {"status": "failed" if code else "completed", "values": None, "exit_code": code}
-        return code
     except BaseException as err:
         from cifarlab.sweeper.trial import is_interruption
 
+        if isinstance(err, SystemExit) and not is_interruption(err):
+            # e.g. cifarlab.cli.guarded: the one-line error is in the log. (Lightning's SIGTERMException is a
+            # SystemExit too: an interruption, below.)
+            code = err.code if isinstance(err.code, int) else 1
+            result = {"status": "failed" if code else "completed", "values": None, "exit_code": code}
+            return code
         traceback.print_exc()
         status = "interrupted" if is_interruption(err) else "failed"
         result = {"status": status, "values": None, "error": f"{type(err).__name__}: {err}"}

@@ -131,11 +131,14 @@ def progress_line(
 
 
 def counts(trials: Sequence[optuna.trial.FrozenTrial]) -> dict[str, int]:
-    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "retried": 0}
+    out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "waiting": 0, "retried": 0, "duplicates": 0}
     for t in trials:
         name = t.state.name
         if name == "FAIL":
-            out["failed" if counts_toward_budget(t) else "retried"] += 1
+            if counts_toward_budget(t):
+                out["failed"] += 1
+            else:  # not run (a repeated parameter set) or interrupted (then retried): never counted
+                out["duplicates" if t.user_attrs.get("fail_reason") == "duplicate" else "retried"] += 1
         elif name in ("COMPLETE", "PRUNED", "RUNNING", "WAITING"):
             out[
                 {"COMPLETE": "complete", "PRUNED": "pruned", "RUNNING": "running", "WAITING": "waiting"}[name]
@@ -336,6 +339,7 @@ def summary_table(
         + (f", {c['running']} running" if c["running"] else "")
         + (f", {c['waiting']} queued" if c["waiting"] else "")
         + (f" (+{c['retried']} interrupted and retried)" if c["retried"] else "")
+        + (f" (+{c['duplicates']} repeated parameter sets, not run)" if c["duplicates"] else "")
     ]
     scored = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.values]
     if scored:

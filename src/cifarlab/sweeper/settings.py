@@ -203,9 +203,10 @@ def settings_from_hydra(
         warm_task = dataclasses.replace(warm_task, argv=tuple(task_command[1:]))
 
     logger_cfg = _container(config.logger) if "logger" in config and config.logger is not None else None
-    sampler = conf.get("sampler") or None
-    pruner = conf.get("pruner") or None
+    sampler = _component(conf.get("sampler"), "sampler", "tpe, random, cmaes, grid, nsgaii, gp, qmc")
+    pruner = _component(conf.get("pruner"), "pruner", "median, successive_halving, hyperband, none")
     n_jobs = conf.get("n_jobs")
+    n_trials = _positive_int(conf.get("n_trials", 20), "n_trials")
     return SweepSettings(
         study_name=study_name,
         storage=storage_spec(conf.get("storage"), sweep_dir, cwd),
@@ -222,7 +223,7 @@ def settings_from_hydra(
         monitor=monitor,
         sampler=sampler,
         pruner=pruner,
-        n_trials=int(conf.get("n_trials", 20)),
+        n_trials=n_trials,
         params=dict(params),
         conditional=dict(conditional),
         context=context,
@@ -239,7 +240,11 @@ def settings_from_hydra(
         max_retries=int(conf.get("max_retries", 3)),
         custom_search_space=conf.get("custom_search_space"),
         sweep_config=config if conf.get("custom_search_space") else None,
-        data_config=_container(config.data) if isinstance(config.get("data"), DictConfig) else None,
+        # the dataset to decode into its cache before the first trial: only when the trials run this app itself
+        # (a task_command may be anything, e.g. a stand-in that never loads data)
+        data_config=_container(config.data)
+        if isinstance(config.get("data"), DictConfig) and not conf.get("task_command")
+        else None,
         enqueue_trials=list(conf.get("enqueue_trials") or []),
         set_logger_group=logger_cfg is not None and "group" in config.logger,
         set_run_name="run_name" in config,
@@ -251,6 +256,26 @@ def settings_from_hydra(
         extra_env={str(k): str(v) for k, v in (conf.get("env") or {}).items()},
         logger_cfg=logger_cfg,
     )
+
+
+def _component(value: Any, key: str, options: str) -> Any:
+    """A sampler/pruner node; a bare string (``hydra.sweeper.sampler=random``) is the group form's mistake."""
+    if value is None or isinstance(value, Mapping):
+        return value or None
+    raise SweepError(
+        f"hydra.sweeper.{key}={value!r} is not allowed; allowed: a config group option, chosen with "
+        f"hydra/sweeper/{key}=<{options.replace(', ', '|')}>"
+    )
+
+
+def _positive_int(value: Any, key: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise SweepError(f"hydra.sweeper.{key}={value!r} is not allowed; allowed: an integer >= 1")
+    return number
 
 
 def _rate(value: Any) -> float:
