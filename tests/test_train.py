@@ -52,7 +52,8 @@ def test_schedulers_step_at_their_interval(tmp_path):
     ]:
         cfg = compose_train(
             # one optimizer step per training_step, so that on_train_batch_start sees every step's lr
-            BRIEF + ["optimizer=sgd", "optimizer.lr=0.1", f"scheduler={name}", "trainer.steps_per_call=1", *extra],
+            BRIEF
+            + ["optimizer=sgd", "optimizer.lr=0.1", f"scheduler={name}", "trainer.steps_per_call=1", *extra],
             tmp_path / name,
         )
         dm = build_datamodule(cfg)

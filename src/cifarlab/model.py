@@ -87,9 +87,13 @@ def init_weights(model: nn.Module, scheme: str, activation: str = "relu") -> Non
             continue
         w = module.weight
         if scheme == "kaiming_uniform":
-            nn.init.kaiming_uniform_(w, a=0.01 if nonlinearity == "leaky_relu" else 0, nonlinearity=nonlinearity)
+            nn.init.kaiming_uniform_(
+                w, a=0.01 if nonlinearity == "leaky_relu" else 0, nonlinearity=nonlinearity
+            )
         elif scheme == "kaiming_normal":
-            nn.init.kaiming_normal_(w, a=0.01 if nonlinearity == "leaky_relu" else 0, nonlinearity=nonlinearity)
+            nn.init.kaiming_normal_(
+                w, a=0.01 if nonlinearity == "leaky_relu" else 0, nonlinearity=nonlinearity
+            )
         elif scheme == "xavier_uniform":
             nn.init.xavier_uniform_(w, gain=gain)
         elif scheme == "xavier_normal":

@@ -60,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         "from more, and lose a lot when the cores are shared)",
     )
     p = sub.add_parser("race", help="read a course_optimizers sweep: best val/acc and lr per optimizer")
-    p.add_argument("sweep_dir", type=Path, nargs="?", default=Path("multirun/course_optimizers"),
-                   help="the sweep folder (default: %(default)s)")
+    p.add_argument(
+        "sweep_dir",
+        type=Path,
+        nargs="?",
+        default=Path("multirun/course_optimizers"),
+        help="the sweep folder (default: %(default)s)",
+    )
     return parser
 
 
