@@ -241,7 +241,11 @@ def test_killed_sweep_resumes_to_exactly_n_trials_without_overwriting(tmp_path):
     result = _run(cmd, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     trials = _trials(storage, "sleepy")
-    assert len(_finished(trials)) == 6 and all(t.state == TrialState.COMPLETE for t in _finished(trials))
+    states = [
+        (t.number, t.state.name, t.user_attrs.get(FAIL_REASON), t.user_attrs.get("error")) for t in trials
+    ]
+    assert len(_finished(trials)) == 6, (states, result.stdout[-2000:])
+    assert all(t.state == TrialState.COMPLETE for t in _finished(trials)), (states, result.stdout[-2000:])
     for t in (trials[n] for n in running_at_kill):
         if t.state == TrialState.COMPLETE:  # it finished just before the kill: recorded from its folder
             assert t.user_attrs["recovered"] and (Path(t.user_attrs[JOB_DIR]) / "metrics.json").exists()
