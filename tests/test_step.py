@@ -141,6 +141,40 @@ def test_epoch_and_momentum_schedules_and_clipping_match(scheduler, tmp_path):
     assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
 
 
+def test_steps_through_lightnings_optimizer_step_clip_there(tmp_path):
+    """A callback with a per-step hook sends every step through Lightning's optimizer step (as DDP and 16-mixed
+    do). Clipping then happens in the module's on_before_optimizer_step, after Lightning's unscale_ of fp16
+    gradients and after the callbacks' hooks: same parameters as the plain loop, and the callback saw the
+    gradients before clipping."""
+
+    class SeesGradients(L.Callback):
+        every_n_steps = 1
+
+        def __init__(self) -> None:
+            self.norms: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad for p in pl_module.net.parameters() if p.grad is not None]
+            self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    overrides = TINY + [
+        "optimizer=adam",
+        "trainer.max_epochs=2",
+        "trainer.gradient_clip_val=0.05",
+        "callbacks.checkpoint=false",
+    ]
+    cfg = compose_train(overrides, tmp_path / "k")
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.num_classes)
+    seen = SeesGradients()
+    trainer = build_trainer(cfg, tmp_path / "k", extra_callbacks=[seen])
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 14 and len(seen.norms) == 14
+    assert max(seen.norms) > 0.05  # clipping had work to do, and the hook ran before it
+    assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
+
+
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     """Stop after epoch 2 of 3, resume from last.ckpt: same step count, data order, dropout draws, schedule."""
     base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]

@@ -127,6 +127,7 @@ class CifarModule(L.LightningModule):
             optimizer_step=opt.step,  # counts trainer.global_step, runs on_before_optimizer_step hooks
             # Lightning's calls on every step only where they do more than hooks: DDP and fp16 scaling
             plain_eager=self.trainer.world_size == 1 and not precision.startswith("16"),
+            framework_clips=True,  # on_before_optimizer_step below: after 16-mixed's unscale_
         )
         # Callbacks with per-step hooks get them: their steps run eager (every_n_steps: only those steps).
         self._hook_periods = [
@@ -168,6 +169,14 @@ class CifarModule(L.LightningModule):
                 self.log("train/lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=plan.shape[1])
         # Lightning counts this call as one batch for its loggers' step axis: make it count every batch.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(chunk) - 1
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning's optimizer step (the eager steps that go through it) calls this after 16-mixed's
+        # GradScaler.unscale_ and before the update: the place to clip (Lightning clips nothing itself under
+        # manual optimization). Callbacks' on_before_optimizer_step hooks run before this one, as they did
+        # before Lightning's own clipping, so gradient-norm diagnostics see the gradients before clipping.
+        if self.stepper is not None:
+            self.stepper.clip()
 
     def on_train_epoch_end(self) -> None:
         loss, acc, _ = self.stepper.epoch_metrics()  # one host sync per epoch

@@ -100,8 +100,13 @@ class TrainStep:
         backward: Callable[[torch.Tensor], None] | None = None,
         optimizer_step: Callable[[], None] | None = None,
         plain_eager: bool = True,
+        framework_clips: bool = False,
     ) -> None:
         self.net, self.optimizer = net, optimizer
+        # True: the framework's optimizer_step calls clip() itself, after it unscales fp16 gradients (Lightning:
+        # its on_before_optimizer_step hook runs after GradScaler.unscale_); clipping here, before, would clip
+        # the gradients still multiplied by the loss scale.
+        self.framework_clips = framework_clips
         self.capture, self.clip_norm, self.autocast_dtype = capture, clip_norm, autocast_dtype
         self.backward = backward or torch.Tensor.backward
         self.optimizer_step = optimizer_step or optimizer.step
@@ -139,7 +144,7 @@ class TrainStep:
         self.sums += torch.stack([loss.detach().double(), correct.double()])  # in place: the graph's too
         return loss.detach()
 
-    def _clip(self) -> None:
+    def clip(self) -> None:
         if self.clip_norm:  # norm of all gradients, scaled down to clip_norm if above: no host sync
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.clip_norm, foreach=True
@@ -151,14 +156,15 @@ class TrainStep:
         # After a capture the gradients are the graph's static tensors: zero them in place, never drop them.
         self.optimizer.zero_grad(set_to_none=self._graph is None)
         loss = self._forward_backward(source, plan, self.backward if framework else torch.Tensor.backward)
-        self._clip()
+        if not (framework and self.framework_clips):
+            self.clip()
         (self.optimizer_step if framework else self.optimizer.step)()
         self.steps += 1
         return loss, framework
 
     def _captured_body(self, source) -> torch.Tensor:
         loss = self._forward_backward(source, self._plan, torch.Tensor.backward)
-        self._clip()
+        self.clip()
         self.optimizer.step()
         return loss
 
