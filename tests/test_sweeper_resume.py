@@ -28,10 +28,13 @@ from cifarlab.sweeper.study import (
     RETRIED,
     RETRY_OF,
     Dedupe,
+    Owner,
     budget_used,
     fail_trial,
+    heartbeat,
     make_storage,
     open_study,
+    recover_stale,
     resume_seed,
     space_size,
 )
@@ -257,6 +260,36 @@ def test_an_interruption_never_counts_even_when_its_retries_are_used_up(tmp_path
     fail_trial(study, own.number, "error", "RuntimeError: boom")  # the trial's own failure counts
     assert [t.user_attrs[RETRIED] for t in study.get_trials()] == [False] * 3
     assert budget_used(study.get_trials()) == 1
+
+
+def test_a_trial_asked_by_a_sweep_killed_before_it_tagged_it_is_recovered(tmp_path, monkeypatch):
+    """A sweep process killed between study.ask() and tagging the trial leaves a RUNNING trial without an owner
+    (seen in a real kill-and-resume run: the resumed sweep ended with it still RUNNING and 5 of 6 evaluated).
+    With no other sweep process alive it is stale at once; while another is alive (it could be that one's,
+    between its ask and its tag), only after ORPHAN_AFTER seconds."""
+    import cifarlab.sweeper.study as study_module
+
+    study = _study(tmp_path)
+    dist = {"x": FloatDistribution(0, 1)}
+    queued = {"x": 0.25}
+    study.enqueue_trial(queued)
+    orphan = study.ask(dist)  # the enqueued parameters, RUNNING, no owner: its sweep died right here
+    me = Owner.me()
+    heartbeat(study, me, 1, time.time())
+    assert recover_stale(study, me, stale_after=300, max_retries=3) == [orphan.number]
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[FAIL_REASON] == "stale"
+    assert budget_used(trials) == 0
+    assert trials[1].state == TrialState.WAITING  # queued again with its parameters: run again
+    assert trials[1].system_attrs["fixed_params"] == queued
+
+    other = Owner("another-host", 1234, "1")  # a live sweep process elsewhere (recent heartbeat)
+    heartbeat(study, other, 1, time.time())
+    fresh = study.ask(dist)  # maybe the other one's, not tagged yet
+    assert recover_stale(study, me, stale_after=300, max_retries=3) == []
+    monkeypatch.setattr(study_module, "ORPHAN_AFTER", 0.0)
+    time.sleep(0.01)
+    assert recover_stale(study, me, stale_after=300, max_retries=3) == [fresh.number]
 
 
 def test_a_signal_from_outside_is_an_interruption_and_a_fault_is_not():

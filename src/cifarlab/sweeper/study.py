@@ -50,6 +50,7 @@ WORKER_PREFIX = "worker:"  # study user attr per sweep process: {"heartbeat": t,
 # fail reasons that are not the trial's fault: such trials never count toward n_trials (each needs a sweep
 # process to die or be stopped, or a new sample, so not counting them cannot loop)
 INFRA_REASONS = ("stale", "interrupted", "surplus", "duplicate")
+ORPHAN_AFTER = 60.0  # seconds an owner-less RUNNING trial may wait for its tag while other sweeps are alive
 
 
 class StorageError(RuntimeError):
@@ -263,10 +264,13 @@ def heartbeat(study: optuna.Study, me: Owner, slots: int, started: float) -> Non
 
 def live_workers(study: optuna.Study, stale_after: float, now: float | None = None) -> list[str]:
     """Sweep processes of the study that look alive: a recent heartbeat (and, on this host, a live pid)."""
-    now = time.time() if now is None else now
+    return _live(study.user_attrs, stale_after, time.time() if now is None else now)
+
+
+def _live(attrs: dict[str, Any], stale_after: float, now: float) -> list[str]:
     host = socket.gethostname()
     out = []
-    for key, rec in study.user_attrs.items():
+    for key, rec in attrs.items():
         if not key.startswith(WORKER_PREFIX) or not isinstance(rec, dict):
             continue
         if now - rec.get("heartbeat", 0) >= stale_after:
@@ -281,9 +285,17 @@ def live_workers(study: optuna.Study, stale_after: float, now: float | None = No
 def is_stale(
     trial: optuna.trial.FrozenTrial, me: Owner, workers: dict[str, Any], stale_after: float, now: float
 ) -> bool:
-    """A RUNNING trial launched by a sweep process that is gone (never one of ours, nor one without owner)."""
+    """A RUNNING trial launched by a sweep process that is gone (never one of ours).
+
+    A trial without an owner was asked for by a sweep process that was killed before it could tag it (a live
+    one tags it within milliseconds of asking, and registers its heartbeat before it asks at all): stale at once
+    when no other sweep process of the study is alive, else once it is ``ORPHAN_AFTER`` seconds old."""
     owner = Owner.parse(trial.user_attrs.get(OWNER, ""))
-    if owner is None or owner == me:
+    if owner is None:
+        others = [w for w in _live(workers, stale_after, now) if w != str(me)]
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        return not others or now - started > ORPHAN_AFTER
+    if owner == me:
         return False
     if owner.host == me.host:
         return not owner.alive_here()
