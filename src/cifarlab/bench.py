@@ -45,6 +45,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: train.py and conf/ live here
@@ -356,15 +357,16 @@ def run_reference(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_plain(job: dict[str, Any]) -> dict[str, Any]:
-    """(b) A plain loop on cifarlab's pipeline, with (c)'s batch size, optimizer and resolved precision."""
+def _plain_setup(job: dict[str, Any], capturable: bool = False) -> SimpleNamespace:
+    """What (b) and (b') share: (c)'s config, data on the device as DeviceBatches, the net, the optimizer
+    (torch's fastest form of it, or its capturable form for (b'))."""
     import torch
-    import torch.nn.functional as F
     from hydra.utils import instantiate
 
     from cifarlab.data import DeviceBatches
     from cifarlab.model import CifarCNN, parameter_groups
     from cifarlab.module import build_optimizer
+    from cifarlab.step import optimizer_for_capture
     from cifarlab.train import resolve_precision
 
     cfg = compose(job["overrides"])
@@ -372,7 +374,6 @@ def run_plain(job: dict[str, Any]) -> dict[str, Any]:
     n = min(job["images"], len(y))
     device = device_for(cfg.trainer.accelerator)
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     channels_last = bool(cfg.trainer.channels_last)
     batches = DeviceBatches(
         x[:n].to(device),
@@ -391,88 +392,66 @@ def run_plain(job: dict[str, Any]) -> dict[str, Any]:
     net = CifarCNN(10, dropout=m.dropout, activation=m.activation, init=m.init).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    forward = torch.compile(net) if cfg.trainer.compile else net
-    optimizer = build_optimizer(
-        instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, m.weight_decay)
+    build = optimizer_for_capture if capturable else build_optimizer
+    optimizer = build(instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, m.weight_decay))
+    return SimpleNamespace(
+        cfg=cfg,
+        device=device,
+        precision=precision,
+        dtype={"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision),
+        layout="NHWC" if channels_last else "NCHW",
+        batches=batches,
+        net=net,
+        optimizer=optimizer,
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    net.train()
-    clock = _Clock(device, job["warmup_steps"])
+
+
+def run_plain(job: dict[str, Any]) -> dict[str, Any]:
+    """(b) A plain loop on cifarlab's pipeline, with (c)'s batch size, optimizer and resolved precision."""
+    import torch
+    import torch.nn.functional as F
+
+    b = _plain_setup(job)
+    forward = torch.compile(b.net) if b.cfg.trainer.compile else b.net
+    scaler = torch.amp.GradScaler(b.device.type, enabled=b.dtype is torch.float16)
+    b.net.train()
+    clock = _Clock(b.device, job["warmup_steps"])
     limit = job.get("limit_steps")
     clock.start()
-    for i, (inputs, labels) in enumerate(batches):
+    for i, (inputs, labels) in enumerate(b.batches):
         if limit is not None and i >= limit:
             break
         clock.step_start()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(b.device.type, dtype=b.dtype or torch.float32, enabled=b.dtype is not None):
             loss = F.cross_entropy(forward(inputs).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
+        b.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        scaler.step(b.optimizer)
         scaler.update()
         clock.step_end(len(labels))
     out = clock.stop()
-    out.update(
-        batch_size=cfg.data.batch_size, precision=precision, layout="NHWC" if channels_last else "NCHW"
-    )
+    out.update(batch_size=b.cfg.data.batch_size, precision=b.precision, layout=b.layout)
     return out
 
 
 def run_captured(job: dict[str, Any]) -> dict[str, Any]:
     """(b') (b) with the whole step captured in a CUDA graph (cifarlab.step.TrainStep), no Lightning."""
-    import torch
-    from hydra.utils import instantiate
+    from cifarlab.step import TrainStep
 
-    from cifarlab.data import DeviceBatches
-    from cifarlab.model import CifarCNN, parameter_groups
-    from cifarlab.step import TrainStep, optimizer_for_capture
-    from cifarlab.train import resolve_precision
-
-    cfg = compose(job["overrides"])
-    x, y, mean, std = _datamodule(cfg)
-    n = min(job["images"], len(y))
-    device = device_for(cfg.trainer.accelerator)
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    channels_last = bool(cfg.trainer.channels_last)
-    batches = DeviceBatches(
-        x[:n].to(device),
-        y[:n].to(device),
-        cfg.data.batch_size,
-        mean=mean,
-        std=std,
-        shuffle=True,
-        augment=cfg.data.augment,
-        seed=job["seed"],
-        channels_last=channels_last,
-    )
-    torch.manual_seed(job["seed"])
-    torch.backends.cudnn.benchmark = bool(cfg.trainer.benchmark)
-    m = cfg.model
-    net = CifarCNN(10, dropout=m.dropout, activation=m.activation, init=m.init).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    optimizer = optimizer_for_capture(
-        instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, m.weight_decay)
-    )
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    step = TrainStep(net, optimizer, capture=device.type == "cuda", autocast_dtype=dtype)
-    net.train()
-    clock = _Clock(device, job["warmup_steps"])
+    b = _plain_setup(job, capturable=True)
+    step = TrainStep(b.net, b.optimizer, capture=b.device.type == "cuda", autocast_dtype=b.dtype)
+    b.net.train()
+    clock = _Clock(b.device, job["warmup_steps"])
     limit = job.get("limit_steps")
     clock.start()
-    for i, plan in enumerate(batches.batch_plans()):
+    for i, plan in enumerate(b.batches.batch_plans()):
         if limit is not None and i >= limit:
             break
         clock.step_start()
-        step(batches, plan)
+        step(b.batches, plan)
         clock.step_end(plan.shape[1])
     out = clock.stop()
-    out.update(
-        batch_size=cfg.data.batch_size,
-        precision=precision,
-        layout="NHWC" if channels_last else "NCHW",
-        step_mode=step.mode,
-    )
+    out.update(batch_size=b.cfg.data.batch_size, precision=b.precision, layout=b.layout, step_mode=step.mode)
     return out
 
 
