@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,20 +130,15 @@ def real(
 
 def _gpu_sampler(stop: threading.Event, samples: list[float]) -> None:
     """Append the GPUs' mean utilisation (0-1) every 0.2 s until ``stop`` (nvidia-smi; no CUDA in this process)."""
-    smi = shutil.which("nvidia-smi")
-    while smi and not stop.is_set():
-        try:
-            out = subprocess.run(
-                [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.split()
-            values = [float(v) for v in out if v.replace(".", "", 1).isdigit()]
-            if values:
-                samples.append(sum(values) / len(values) / 100)
-        except (OSError, subprocess.SubprocessError):
+    from cifarlab.sweeper.slots import query_gpus
+
+    while not stop.is_set():
+        rows = query_gpus("utilization.gpu", timeout=10)
+        if rows is None:
             return
+        values = [float(row[0]) for row in rows if row and row[0].replace(".", "", 1).isdigit()]
+        if values:
+            samples.append(sum(values) / len(values) / 100)
         stop.wait(0.2)
 
 

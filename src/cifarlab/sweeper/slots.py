@@ -117,26 +117,34 @@ def pack_trials(
     return n, f"{n} trial(s) per GPU ({why})"
 
 
-def gpu_memory_gb(environ: Mapping[str, str] | None = None) -> float | None:
-    """Total memory of the smallest visible GPU in GB, from nvidia-smi (no CUDA initialised); None if unknown."""
+def query_gpus(fields: str, timeout: float = 30) -> list[list[str]] | None:
+    """``nvidia-smi --query-gpu=<fields>`` as one list of values per GPU (no CUDA initialised); None without it."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return None
-    ids = visible_gpus(environ)
     try:
         result = subprocess.run(
-            [smi, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+            [smi, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=timeout,
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    sizes = {}
-    for line in result.stdout.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 2 and parts[1].replace(".", "", 1).isdigit():
-            sizes[parts[0]] = float(parts[1]) / 1024
+    return [[p.strip() for p in line.split(",")] for line in result.stdout.splitlines() if line.strip()]
+
+
+def _number(text: str) -> bool:
+    return text.replace(".", "", 1).isdigit()
+
+
+def gpu_memory_gb(environ: Mapping[str, str] | None = None) -> float | None:
+    """Total memory of the smallest visible GPU in GB, from nvidia-smi (no CUDA initialised); None if unknown."""
+    rows = query_gpus("index,memory.total")
+    if rows is None:
+        return None
+    ids = visible_gpus(environ)
+    sizes = {row[0]: float(row[1]) / 1024 for row in rows if len(row) == 2 and _number(row[1])}
     picked = [sizes[i] for i in ids if i in sizes] or list(sizes.values())
     return min(picked) if picked else None
 
