@@ -265,3 +265,105 @@ def test_a_checkpoint_from_automatic_optimization_resumes_at_its_step(tmp_path):
     torch.save(ckpt, last)
     _, trainer = fit(base + ["trainer.max_epochs=2"], tmp_path / "second", ckpt_path=str(last))
     assert trainer.global_step == 14
+
+
+def plain_evaluation(net: torch.nn.Module, batches: DeviceBatches) -> tuple[float, float]:
+    """Mean cross-entropy per image and accuracy, one batch at a time, as a course notebook computes them."""
+    net.eval()
+    loss_sum, correct, images = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits = net(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+            images += len(y)
+    return loss_sum / images, correct / images
+
+
+def test_evaluation_sums_give_what_a_plain_evaluation_gives(tmp_path):
+    """Validation and test read device sums once per pass (EvalStep): the same loss and accuracy as a plain
+    evaluation of the final network, with a short last batch (112 = 48 + 48 + 16), after a sanity check."""
+    overrides = TINY + [
+        "data.eval_batch_size=48",
+        "trainer.max_epochs=2",
+        "trainer.num_sanity_val_steps=1",
+        "callbacks.checkpoint=false",
+    ]
+    module, trainer = fit(overrides, tmp_path)
+    dm = trainer.datamodule
+    loss, acc = plain_evaluation(module.net, dm.val_dataloader())
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(loss, rel=1e-5)
+    assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(acc, rel=1e-6)  # logged as float32
+    assert module.eval_mode == "eager"
+    tested = trainer.test(module, datamodule=dm, verbose=False)[0]
+    loss, acc = plain_evaluation(module.net, dm.test_dataloader())
+    assert tested["test/loss"] == pytest.approx(loss, rel=1e-5)
+    assert tested["test/acc"] == pytest.approx(acc, rel=1e-6)  # logged as float32
+    assert module.evaluator.images == 0  # read and reset at the end of the pass
+
+
+@pytest.mark.slow
+def test_k_steps_under_ddp_train_like_one_step_per_call(tmp_path):
+    """Two CPU processes (gloo): K = 3 and K = 1 end with the same parameters on both ranks (DDP averaged the
+    gradients of their different shards) and the same validation (each rank evaluates its shard of the
+    validation images; the sums are added over ranks)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch, lightning as L\n"
+        "from pathlib import Path\n"
+        "from cifarlab.config import validate\n"
+        "from cifarlab.train import build_datamodule, build_module, build_trainer\n"
+        "from tests.conftest import compose_train\n"
+        "out = Path(sys.argv[1]); overrides = sys.argv[2:]\n"
+        "cfg = compose_train(overrides, out); validate(cfg)\n"
+        "L.seed_everything(cfg.seed, verbose=False)\n"
+        "dm = build_datamodule(cfg); module = build_module(cfg, dm.num_classes)\n"
+        "trainer = build_trainer(cfg, out); trainer.fit(module, datamodule=dm)\n"
+        "torch.save({'net': module.net.state_dict(), 'step': trainer.global_step,\n"
+        "            'val': {k: float(v) for k, v in trainer.callback_metrics.items()}},\n"
+        "           out / f'end{trainer.global_rank}.pt')\n"
+    )
+    ends = {}
+    for k in ("1", "3"):
+        out = tmp_path / k
+        out.mkdir()
+        overrides = [o for o in TINY if not o.startswith("trainer.steps_per_call")] + [
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=32",
+            f"trainer.steps_per_call={k}",
+            "trainer.max_epochs=2",
+            "optimizer=adam",
+            "callbacks.checkpoint=false",
+        ]
+        result = subprocess.run(
+            [sys.executable, str(script), str(out), *overrides],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        ends[k], other_rank = (torch.load(out / f"end{r}.pt", weights_only=False) for r in (0, 1))
+        for name, p in ends[k]["net"].items():  # the ranks' gradients were averaged: one model
+            torch.testing.assert_close(p, other_rank["net"][name], rtol=0, atol=0, msg=name)
+    # 212 - 112 = 100 training images over 2 ranks: 50 each, batch 16: 4 steps per epoch and rank
+    assert ends["1"]["step"] == ends["3"]["step"] == 8
+    for name, p in ends["1"]["net"].items():
+        torch.testing.assert_close(p, ends["3"]["net"][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert ends["1"]["val"]["val/acc"] == pytest.approx(ends["3"]["val"]["val/acc"], rel=1e-6)
+    assert ends["1"]["val"]["val/loss"] == pytest.approx(ends["3"]["val"]["val/loss"], rel=1e-5)
+    # the ranks' sums add up to one evaluation of all 112 validation images in one process
+    cfg = compose_train(overrides, tmp_path / "one")
+    dm = build_datamodule(cfg)
+    net = build_module(cfg, dm.num_classes).net
+    net.load_state_dict(ends["3"]["net"])
+    loss, acc = plain_evaluation(net, dm.val_dataloader())
+    assert ends["3"]["val"]["val/acc"] == pytest.approx(acc, rel=1e-6)
+    assert ends["3"]["val"]["val/loss"] == pytest.approx(loss, rel=1e-5)

@@ -10,15 +10,13 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MaxMetric
 
 from cifarlab.config import ConfigError
 from cifarlab.data import Chunk
 from cifarlab.model import parameter_groups
-from cifarlab.step import TrainStep, capture_blocker, optimizer_for_capture
+from cifarlab.step import EvalStep, TrainStep, capture_blocker, optimizer_for_capture
 
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params) -> torch.optim.Optimizer:
@@ -92,17 +90,11 @@ class CifarModule(L.LightningModule):
         self.steps_per_call: int | None = None  # resolved in configure_optimizers; read by the datamodule
         self.capture, self.capture_reason = False, "not configured yet"
         self.stepper: TrainStep | None = None
-        self.val_acc, self.test_acc = (MulticlassAccuracy(num_classes, average="micro") for _ in range(2))
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self._evaluator: EvalStep | None = None
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fn(x)
-
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch  # (B, 3, H, W) float, (B,) int64
-        logits = self(x)
-        return F.cross_entropy(logits.float(), y), logits
 
     # ---- training: K optimizer steps per call ---------------------------------------------------------------
 
@@ -112,6 +104,16 @@ class CifarModule(L.LightningModule):
         if self.stepper is not None and (self.stepper.replays or self.stepper.eager_reason):
             return self.stepper.mode
         return "captured" if self.capture else f"eager ({self.capture_reason})"
+
+    @property
+    def eval_mode(self) -> str | None:
+        """``captured``/``eager``: what the evaluation batches of this run were (None: no evaluation ran)."""
+        e = self._evaluator
+        if e is None:
+            return None
+        if e.replays:
+            return "captured"
+        return f"eager ({e.eager_reason})" if e.eager_reason else "eager"
 
     def on_train_start(self) -> None:
         opt = self.optimizers()
@@ -207,36 +209,52 @@ class CifarModule(L.LightningModule):
         if self.stepper is not None:  # the run's step mode, for the summary and metrics.json
             self.capture_reason = self.stepper.eager_reason or self.capture_reason
 
-    # ---- evaluation -----------------------------------------------------------------------------------------
+    # ---- evaluation: device sums, one read per pass (captured on a GPU) ------------------------------------
+
+    @property
+    def evaluator(self) -> EvalStep:
+        """The evaluation step (built at the first validation or test: eval.py never trains)."""
+        if self._evaluator is None:
+            trainer = self.trainer
+            precision = str(trainer.precision)
+            setting = str(self.capture_setting).lower()
+            capture = trainer.strategy.root_device.type == "cuda" and not self.compile and setting != "false"
+            self._evaluator = EvalStep(
+                self.forward_fn,
+                capture=capture,
+                autocast_dtype={"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision),
+            )
+        return self._evaluator
+
+    def _evaluation(self) -> tuple[float, float]:
+        """(mean loss per image, accuracy) of this pass, summed over DDP ranks."""
+        totals = self.evaluator.totals()
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        self.evaluator.reset()
+        return EvalStep.metrics(totals)
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        loss, logits = self._shared_step(batch)
-        self.val_loss(loss)
-        self.val_acc(logits, batch[1])
+        self.evaluator(*batch)  # (B, 3, H, W) float images, (B,) int64 labels
 
     def on_validation_epoch_end(self) -> None:
-        acc = self.val_acc.compute()
-        self.val_acc_best(acc)
-        self.log_dict(
-            {
-                "val/loss": self.val_loss.compute(),
-                "val/acc": acc,
-                "val/acc_best": self.val_acc_best.compute(),
-            },
-            prog_bar=True,
-        )
-        self.val_loss.reset()
-        self.val_acc.reset()
+        loss, acc = self._evaluation()
+        self.val_acc_best(torch.tensor(acc))
+        best = float(self.val_acc_best.compute())
+        self.log_dict({"val/loss": loss, "val/acc": acc, "val/acc_best": best}, prog_bar=True)
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.reset()
 
     def test_step(self, batch, batch_idx: int) -> None:
-        loss, logits = self._shared_step(batch)
-        self.test_loss(loss)
-        self.test_acc(logits, batch[1])
+        self.evaluator(*batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({"test/loss": self.test_loss.compute(), "test/acc": self.test_acc.compute()})
-        self.test_loss.reset()
-        self.test_acc.reset()
+        loss, acc = self._evaluation()
+        self.log_dict({"test/loss": loss, "test/acc": acc})
 
     def configure_optimizers(self):
         trainer = self.trainer

@@ -20,6 +20,9 @@ What makes the replay compute the same thing as the eager step:
 Eager remains where capture cannot apply (:func:`capture_blocker` says why): a CPU, an optimizer without a
 capturable form (the course's own, Adagrad), 16-mixed (its gradient scaler checks for infs on the host), DDP
 (its all-reduce runs in autograd hooks), ``trainer.compile`` and a scheduler that cycles momentum.
+
+:class:`EvalStep` does the same for evaluation: forward, summed loss and correct predictions of a batch, on the
+device, captured per batch shape on a CUDA GPU; read once per validation or test.
 """
 
 from __future__ import annotations
@@ -231,6 +234,110 @@ class TrainStep:
         if self.replays:
             return "captured" if self.eager_reason is None else f"captured, then eager ({self.eager_reason})"
         return "eager" if self.eager_reason is None else f"eager ({self.eager_reason})"
+
+
+class EvalStep:
+    """Evaluation batches → sums of cross-entropy and correct predictions on the device, read once per pass.
+
+    Written here rather than with torchmetrics' MeanMetric/MulticlassAccuracy: their ``update`` checks its
+    inputs on the host (``isnan(...).any()``, the label range), a host sync per batch, and cannot run inside
+    a CUDA graph; two device sums can, and give the same numbers (``tests/test_step.py``).
+
+    ``capture=True`` (a CUDA GPU): the first batch of each shape runs eager (cuDNN autotuning), the second is
+    recorded as a CUDA graph (forward, loss, argmax, the sums' update) and replayed for every later batch of
+    that shape after copying its pixels and labels into the graph's static buffers; an evaluation of 10,000
+    images at batch 1,000 is then 10 replays and one read. The graph is kept per (shape, dtype, train/eval
+    mode) for the whole run, so every validation after the first replays.
+    """
+
+    def __init__(
+        self, net: nn.Module, *, capture: bool = False, autocast_dtype: torch.dtype | None = None
+    ) -> None:
+        self.net, self.capture, self.autocast_dtype = net, capture, autocast_dtype
+        self.eager_reason: str | None = None
+        self.replays = 0
+        self.sums: torch.Tensor | None = None  # (2,) float64: loss summed over images, correct predictions
+        self.images = 0
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._seen: set[tuple] = set()
+
+    def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        param = next(self.net.parameters())
+        if x.dtype != param.dtype and not self.autocast_dtype:  # e.g. bf16-true parameters
+            x = x.to(param.dtype)
+        with torch.autocast(
+            x.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+            cache_enabled=False,  # a cache would outlive a capture (see _forward_backward)
+        ):
+            logits = self.net(x)  # (B, classes)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        correct = (logits.argmax(1) == y).sum()
+        self.sums += torch.stack([loss.double(), correct.double()])  # in place: the graph's too
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch: ``x`` (B, 3, H, W) float images, ``y`` (B,) int64 labels."""
+        if self.sums is None:
+            with torch.inference_mode(False):  # a normal tensor: usable inside and outside inference mode
+                self.sums = torch.zeros(2, dtype=torch.float64, device=x.device)
+        self.images += len(y)
+        key = (tuple(x.shape), x.stride(), x.dtype, self.net.training)
+        if not self.capture:
+            return self._accumulate(x, y)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key not in self._seen:  # warm-up: eager, on a side stream as PyTorch's CUDA-graph notes do it
+                self._seen.add(key)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._accumulate(x, y)
+                torch.cuda.current_stream().wait_stream(side)
+                return None
+            entry = self._capture(key, x, y)
+            if entry is None:
+                return self._accumulate(x, y)
+        graph, static_x, static_y = entry
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        self.replays += 1
+        return None
+
+    def _capture(self, key: tuple, x: torch.Tensor, y: torch.Tensor):
+        with torch.inference_mode(False):
+            static_x, static_y = torch.empty_like(x), torch.empty_like(y)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):  # recorded, not run: this batch is added by the first replay
+                self._accumulate(static_x, static_y)
+        except Exception as err:  # noqa: BLE001 - anything that cannot be captured: eager, and say why
+            self.capture, self.eager_reason = False, f"capture failed ({type(err).__name__}: {err})"
+            return None
+        self._graphs[key] = (graph, static_x, static_y)
+        return self._graphs[key]
+
+    def reset(self) -> None:
+        if self.sums is not None:
+            self.sums.zero_()  # in place: the captured graphs hold this tensor
+        self.images = 0
+
+    def totals(self) -> torch.Tensor:
+        """(loss sum, correct, images) as a float64 device tensor (for a sum over DDP ranks)."""
+        if self.sums is None:
+            return torch.zeros(3, dtype=torch.float64, device=next(self.net.parameters()).device)
+        return torch.cat([self.sums, self.sums.new_tensor([self.images])])
+
+    @staticmethod
+    def metrics(totals: torch.Tensor) -> tuple[float, float]:
+        """(mean loss per image, accuracy) from :meth:`totals`; one host sync."""
+        loss_sum, correct, images = totals.tolist()
+        if not images:
+            return float("nan"), float("nan")
+        return loss_sum / images, correct / images
 
 
 class _DeviceLearningRates:

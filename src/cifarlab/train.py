@@ -264,6 +264,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             precision=str(trainer.precision),
             step_mode=getattr(module, "step_mode", None),
             steps_per_call=getattr(module, "steps_per_call", None),
+            eval_mode=getattr(module, "eval_mode", None),
         )
         if trainer.is_global_zero:
             write_json(output_dir / "metrics.json", metrics)
@@ -279,7 +280,7 @@ def print_summary(metrics: dict[str, Any]) -> None:
     print(
         f"\n{metrics['run_name']}: {metrics['epochs']} epochs, {metrics['global_step']} steps, "
         f"{metrics['duration_s']:.1f}s ({metrics['precision']}; steps {metrics.get('step_mode')}, "
-        f"{metrics.get('steps_per_call')} per call)\n  {shown}\n  results: {metrics['output_dir']}/metrics.json",
+        f"{metrics.get('steps_per_call')} per call; evaluation {metrics.get('eval_mode') or 'none'})\n  {shown}\n  results: {metrics['output_dir']}/metrics.json",
         file=sys.stdout,
         flush=True,
     )
