@@ -5,7 +5,9 @@
 Trains the course CNN twice from the same weights on the same batch plans (augmentation and dropout on, a
 per-step cosine schedule so the learning rate changes every step): once eager, once with the step captured
 in a CUDA graph and replayed. Prints (and writes as JSON) the largest parameter difference, relative to the
-parameter's scale, for fp32 and bf16 autocast, and the step modes.
+parameter's scale, for fp32 and bf16 autocast, and the step modes. Then evaluates the trained network with
+:class:`cifarlab.step.EvalStep` eager and captured (three passes each, a short last batch) and prints both
+(loss, accuracy) pairs, which should agree to float rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from cifarlab.data import DeviceBatches, make_synthetic
 from cifarlab.model import CifarCNN, parameter_groups
 from cifarlab.module import build_optimizer
-from cifarlab.step import TrainStep, optimizer_for_capture
+from cifarlab.step import EvalStep, TrainStep, optimizer_for_capture
 
 
 def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
@@ -76,6 +78,22 @@ def main() -> None:
             key = f"{opt_name}-{'bf16' if dtype else 'fp32'}"
             results[key] = {"max_rel_param_diff": worst, **{m: runs[m] for m in runs}}
             print(key, f"max relative parameter difference {worst:.2e}", runs, flush=True)
+    eval_batches = DeviceBatches(x.to(dev), y.to(dev), 500, mean=[0.5] * 3, std=[0.25] * 3)
+    net = nets["captured"].eval()
+    for dtype in (None, torch.bfloat16):
+        passes = {}
+        for capture in (False, True):
+            step = EvalStep(net, capture=capture, autocast_dtype=dtype)
+            with torch.inference_mode():
+                for _ in range(3):  # the first pass warms up, the second captures, the third replays
+                    step.reset()
+                    for xb, yb in eval_batches:
+                        step(xb, yb)
+                    passes[capture] = EvalStep.metrics(step.totals())
+            passes[f"replays_{capture}"] = step.replays
+        key = f"eval-{'bf16' if dtype else 'fp32'}"
+        results[key] = {"eager": passes[False], "captured": passes[True], "replays": passes["replays_True"]}
+        print(key, results[key], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
