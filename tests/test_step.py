@@ -367,3 +367,18 @@ def test_k_steps_under_ddp_train_like_one_step_per_call(tmp_path):
     loss, acc = plain_evaluation(net, dm.val_dataloader())
     assert ends["3"]["val"]["val/acc"] == pytest.approx(acc, rel=1e-6)
     assert ends["3"]["val"]["val/loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_early_stopping_stops_k_step_runs_at_the_epoch_it_should(tmp_path):
+    """SGD at lr 1e-12: val/acc never improves after epoch 1, so patience 1 stops after epoch 2 of 5, with
+    every optimizer step of those 2 epochs counted (7 each)."""
+    overrides = TINY + [
+        "optimizer=sgd",
+        "optimizer.lr=1e-12",
+        "trainer.max_epochs=5",
+        "callbacks.early_stopping_patience=1",
+        "callbacks.checkpoint=false",
+    ]
+    module, trainer = fit(overrides, tmp_path)
+    assert trainer.current_epoch == 2 and trainer.global_step == 14
+    assert trainer.should_stop
