@@ -81,6 +81,22 @@ def optimizer_for_capture(factory: Callable[..., torch.optim.Optimizer], params)
     raise RuntimeError(f"{cls.__name__} could not be built in a capturable form")
 
 
+def forward(net: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """``net(x)`` under autocast to ``autocast_dtype`` (None: none, and ``x`` in the parameters' dtype, e.g.
+    bf16-true). Autocast's weight-cast cache is off: it would outlive a capture and serve stale casts
+    (PyTorch's CUDA-graph notes)."""
+    param = next(net.parameters())
+    if x.dtype != param.dtype and not autocast_dtype:
+        x = x.to(param.dtype)
+    with torch.autocast(
+        x.device.type,
+        dtype=autocast_dtype or torch.float32,
+        enabled=autocast_dtype is not None,
+        cache_enabled=False,
+    ):
+        return net(x)
+
+
 class TrainStep:
     """One optimizer step per batch plan, eager or captured; sums of loss, correct predictions and batches.
 
@@ -127,17 +143,7 @@ class TrainStep:
 
     def _forward_backward(self, source, plan: torch.Tensor, backward) -> torch.Tensor:
         x, y = source.gather(plan)  # (B, 3, H, W) float, (B,) int64
-        param = next(self.net.parameters())
-        if x.dtype != param.dtype and not self.autocast_dtype:  # e.g. bf16-true parameters
-            x = x.to(param.dtype)
-        # autocast's weight-cast cache would outlive a capture and serve stale casts: off (PyTorch's notes)
-        with torch.autocast(
-            x.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-            cache_enabled=False,
-        ):
-            logits = self.net(x)  # (B, classes)
+        logits = forward(self.net, x, self.autocast_dtype)  # (B, classes)
         # The backward outside any autocast, Lightning's included (manual optimization runs training_step,
         # and so this step, inside it): under autocast the backward's matmuls would run cast, in bf16.
         with torch.autocast(x.device.type, enabled=False):
@@ -262,16 +268,7 @@ class EvalStep:
         self._seen: set[tuple] = set()
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        param = next(self.net.parameters())
-        if x.dtype != param.dtype and not self.autocast_dtype:  # e.g. bf16-true parameters
-            x = x.to(param.dtype)
-        with torch.autocast(
-            x.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-            cache_enabled=False,  # a cache would outlive a capture (see _forward_backward)
-        ):
-            logits = self.net(x)  # (B, classes)
+        logits = forward(self.net, x, self.autocast_dtype)  # (B, classes)
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         correct = (logits.argmax(1) == y).sum()
         self.sums += torch.stack([loss.double(), correct.double()])  # in place: the graph's too
