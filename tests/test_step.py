@@ -382,3 +382,23 @@ def test_early_stopping_stops_k_step_runs_at_the_epoch_it_should(tmp_path):
     module, trainer = fit(overrides, tmp_path)
     assert trainer.current_epoch == 2 and trainer.global_step == 14
     assert trainer.should_stop
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam"])
+def test_a_captured_gpu_runs_checkpoint_resumes_on_a_cpu(optimizer, tmp_path):
+    """A checkpoint of a captured GPU run has capturable=True in its optimizer groups; torch's load_state_dict
+    would restore it and the CPU's first step would fail. The run's own settings are kept instead, and the
+    resumed run ends where an uninterrupted one does."""
+    base = TINY + [f"optimizer={optimizer}", "trainer.max_epochs=2"]
+    full, _ = fit(base, tmp_path / "full")
+    fit(TINY + [f"optimizer={optimizer}", "trainer.max_epochs=1"], tmp_path / "first")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    for group in ckpt["optimizer_states"][0]["param_groups"]:  # as optimizer_for_capture builds it on a GPU
+        group.update(capturable=True, fused=None, foreach=True)
+    torch.save(ckpt, last)
+    resumed, trainer = fit(base, tmp_path / "second", ckpt_path=str(last))
+    assert trainer.global_step == 14
+    groups = trainer.optimizers[0].param_groups
+    assert not groups[0]["capturable"] and (groups[0]["fused"] or groups[0]["foreach"])
+    assert_same_parameters(resumed.net, full.net)

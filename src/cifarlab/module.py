@@ -40,6 +40,29 @@ def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params) -> to
     return factory(params)
 
 
+# How an optimizer runs, not what it computes: torch's load_state_dict would take these from the checkpoint.
+IMPLEMENTATION_KEYS = ("capturable", "fused", "foreach")
+
+
+def keep_implementation_on_load(optimizer: torch.optim.Optimizer) -> None:
+    """Make ``optimizer.load_state_dict`` keep this run's ``capturable``/``fused``/``foreach`` settings.
+
+    torch restores every key of a saved parameter group, these included, so a checkpoint of a captured GPU run
+    (``capturable=True``) resumed on a CPU failed at its first step ("If capturable=True, params and
+    state_steps must be on supported devices"), and a CPU checkpoint resumed on a GPU could not be captured.
+    The saved groups are given this run's settings before torch reads them (it also places the step counters
+    by them: on the device where capturable or fused)."""
+    built = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+
+    def use_this_runs_settings(opt, state_dict):
+        groups = [dict(g) for g in state_dict["param_groups"]]
+        for group, settings in zip(groups, built, strict=False):
+            group.update(settings)
+        return {**state_dict, "param_groups": groups}
+
+    optimizer.register_load_state_dict_pre_hook(use_this_runs_settings)
+
+
 # Optimizer steps per Lightning training_step with trainer.steps_per_call=auto. Lightning's own cost per call
 # (its loop, hooks, progress bar, logging) is ~1-1.5 ms on this 2-core AMD EPYC CPU and a few ms on a GPU
 # machine's host; a captured step of the course CNN is ~0.3-1 ms of GPU time (batch 64-512 on an H100),
@@ -270,6 +293,7 @@ class CifarModule(L.LightningModule):
             if self.capture
             else build_optimizer(self.optimizer_factory, groups)
         )
+        keep_implementation_on_load(optimizer)
         datamodule = trainer.datamodule
         max_epochs = max(1, trainer.max_epochs or 1)
         if hasattr(datamodule, "train_steps_per_epoch"):
