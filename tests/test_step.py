@@ -402,3 +402,28 @@ def test_a_captured_gpu_runs_checkpoint_resumes_on_a_cpu(optimizer, tmp_path):
     groups = trainer.optimizers[0].param_groups
     assert not groups[0]["capturable"] and (groups[0]["fused"] or groups[0]["foreach"])
     assert_same_parameters(resumed.net, full.net)
+
+
+def test_per_step_values_are_logged_at_every_nth_optimizer_step(tmp_path):
+    """log_every_n_steps=2 with 3 steps per Lightning call: train/loss_step and train/lr after steps 2, 4, ..., 14,
+    each at its own step on the logger's axis (Lightning's, 0-based: 1, 3, ..., 13), not one value per call at
+    the call's last step."""
+    import csv
+
+    from cifarlab.train import run
+
+    overrides = [o for o in TINY if o != "logger=none"] + [
+        "logger=csv",
+        "trainer.log_every_n_steps=2",
+        "trainer.max_epochs=2",
+        "scheduler=cosine",
+        "callbacks.checkpoint=false",
+    ]
+    run(compose_train(overrides, tmp_path))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    logged = {int(r["step"]): r for r in rows if r.get("train/loss_step")}
+    assert sorted(logged) == [1, 3, 5, 7, 9, 11, 13]
+    lrs = [float(logged[s]["train/lr"]) for s in sorted(logged)]
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 7  # the cosine schedule, step by step
+    # epoch-level values on the same axis: at the epoch's last optimizer step (7 and 14)
+    assert sorted(int(r["step"]) for r in rows if r.get("train/acc")) == [6, 13]

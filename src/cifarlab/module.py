@@ -176,24 +176,27 @@ class CifarModule(L.LightningModule):
                 opt._on_before_step()
                 opt._on_after_step()
             step = self.trainer.global_step
+            n = self.log_every_n_steps
+            if n and step % n == 0:
+                self._log_step(step, loss, float(opt.param_groups[0]["lr"]))
             for c in self._step_schedulers:
                 if step % c.frequency == 0:
                     c.scheduler.step()
-            # Per-step values only every log_every_n_steps steps: .cpu() waits for the GPU (once per N steps)
-            n = self.log_every_n_steps
-            if n and step % n == 0:
-                self.log(
-                    "train/loss_step",
-                    loss.float().cpu(),
-                    on_step=True,
-                    on_epoch=False,
-                    prog_bar=True,
-                    batch_size=plan.shape[1],
-                )
-                lr = float(opt.param_groups[0]["lr"])
-                self.log("train/lr", torch.tensor(lr), on_step=True, on_epoch=False, batch_size=plan.shape[1])
         # Lightning counts this call as one batch for its loggers' step axis: make it count every batch.
         self.trainer.fit_loop.epoch_loop._batches_that_stepped += len(chunk) - 1
+
+    def _log_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        """train/loss_step and the step's learning rate, at optimizer step ``step`` on the loggers' axis.
+
+        Straight to the loggers: ``self.log`` keeps one value per key per ``training_step`` call and logs it
+        at the call's end, so with K steps per call most of them were lost or logged at the wrong step.
+        Lightning's axis is 0-based (the value after step s at s - 1), as its epoch-level values are.
+        ``float(loss)`` waits for the GPU: once per log_every_n_steps steps."""
+        values = {"train/loss_step": float(loss), "train/lr": lr}
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:  # with the epoch, as Lightning's own per-step values have it
+                logger.log_metrics({**values, "epoch": self.current_epoch}, step=step - 1)
+        self.log("train/loss_step", values["train/loss_step"], prog_bar=True, logger=False, on_step=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning's optimizer step (the eager steps that go through it) calls this after 16-mixed's
