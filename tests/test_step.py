@@ -427,3 +427,28 @@ def test_per_step_values_are_logged_at_every_nth_optimizer_step(tmp_path):
     assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 7  # the cosine schedule, step by step
     # epoch-level values on the same axis: at the epoch's last optimizer step (7 and 14)
     assert sorted(int(r["step"]) for r in rows if r.get("train/acc")) == [6, 13]
+
+
+def test_the_progress_bar_counts_optimizer_steps(tmp_path):
+    """With 3 steps per call, Rich's bar shows 7 batches per epoch (not 3 calls), and reaches 7."""
+    cfg = compose_train(
+        TINY + ["trainer.max_epochs=2", "callbacks.checkpoint=false", "trainer.enable_progress_bar=true"],
+        tmp_path,
+    )
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.num_classes)
+    trainer = build_trainer(cfg, tmp_path)
+    bar = trainer.progress_bar_callback
+    assert type(bar).__name__ == "StepProgressBar"
+    updates: list[tuple[float, float]] = []
+    original = bar._update
+
+    def record(progress_bar_id, current, visible=True, hard=False):
+        if progress_bar_id is not None and progress_bar_id == bar.train_progress_bar_id:
+            updates.append((current, bar.progress.tasks[progress_bar_id].total))
+        original(progress_bar_id, current, visible, hard)
+
+    bar._update = record
+    trainer.fit(module, datamodule=dm)
+    assert updates == [(3, 7), (6, 7), (7, 7)] * 2
