@@ -30,7 +30,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint = read_checkpoint(path)
     run_cfg = OmegaConf.create(checkpoint["cifarlab_config"])
     # The checkpoint decides what the model and data are; this command decides where and how to run.
+    # precision=auto: the run's own setting, so that a run trained and tested in 32 bits is evaluated in 32
+    # bits (auto would pick bf16-mixed where the hardware has it) and gives the run's own test metrics.
+    run_precision = OmegaConf.select(run_cfg, "trainer.precision", default="auto")
     run_cfg.trainer = cfg.trainer
+    if str(cfg.trainer.precision) == "auto":
+        run_cfg.trainer.precision = run_precision
     run_cfg.data.data_dir = cfg.data.data_dir if "data" in cfg else run_cfg.data.data_dir
     run_cfg.callbacks.checkpoint = False
     output_dir = Path(cfg.output_dir)
