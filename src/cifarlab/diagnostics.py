@@ -14,6 +14,7 @@ checkpoint as a model artifact.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,11 @@ class EndOfRunReport(Callback):
         """One pass over the split: confusion counts and the most confidently misclassified images."""
         datamodule = trainer.datamodule
         loader = datamodule.test_dataloader() if self.split == "test" else datamodule.val_dataloader()
+        # The batches Lightning evaluated (trainer.limit_test_batches / limit_val_batches), so the matrix
+        # covers the same images as test/acc (val/acc).
+        counted = trainer.num_test_batches if self.split == "test" else trainer.num_val_batches
+        if counted and 0 < counted[0] < float("inf"):
+            loader = itertools.islice(loader, int(counted[0]))
         num_classes = int(getattr(pl_module, "num_classes", 0) or datamodule.num_classes)
         counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
         wrong_images, wrong_true, wrong_pred, wrong_conf = [], [], [], []
