@@ -15,6 +15,7 @@ class EpochLines(Callback):
 
     def __init__(self) -> None:
         self._pending: tuple[int, float] | None = None  # (epoch, seconds) waiting for its epoch metrics
+        self._start: float | None = None  # when this process started the current epoch's training
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_pending(trainer)
@@ -23,7 +24,12 @@ class EpochLines(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning fills in the epoch's metrics only after this hook, so the line is printed at the next
         # epoch's start (immediately after) or at the end of training.
+        if (
+            self._start is None
+        ):  # a resumed run at the end of an epoch the checkpoint's run trained (and printed)
+            return
         self._pending = (trainer.current_epoch, time.perf_counter() - self._start)
+        self._start = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_pending(trainer)

@@ -566,7 +566,15 @@ class CifarDataModule(L.LightningDataModule):
         if isinstance(limit, float):  # a fraction of the epoch, as Lightning reads it
             world = self.trainer.world_size if getattr(self, "trainer", None) is not None else 1
             per_rank = len(self.splits[split][1]) // max(1, world)
-            return int(-(-per_rank // self.batch_size) * limit)
+            batches = -(-per_rank // self.batch_size)
+            if int(batches * limit) < 1:  # Lightning refuses this for the dataloaders it limits itself
+                from cifarlab.config import ConfigError
+
+                raise ConfigError(
+                    f"trainer.limit_train_batches={limit!r} is not allowed; allowed: at least "
+                    f"{1 / batches:.4g} (an epoch here is {batches} batches), or a number of batches >= 1"
+                )
+            return int(batches * limit)
         return int(limit)
 
     def train_steps_per_epoch(self) -> int:

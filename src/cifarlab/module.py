@@ -69,6 +69,8 @@ def keep_implementation_on_load(optimizer: torch.optim.Optimizer) -> None:
 # an eager CPU step >= 10 ms. K = 32 keeps Lightning under ~10% of the captured steps; K = 8 keeps it ~1% of
 # eager ones. K never exceeds an epoch's batches.
 AUTO_STEPS_PER_CALL = {"captured": 32, "eager": 8}
+# What on_validation_epoch_end logs: a plateau schedule on one of these steps after each validation.
+VALIDATION_METRICS = ("val/loss", "val/acc", "val/acc_best")
 # Callback hooks that only run in an eager step (a captured step has no Python between its kernels).
 _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
@@ -207,18 +209,26 @@ class CifarModule(L.LightningModule):
             self.stepper.clip()
 
     def on_train_epoch_end(self) -> None:
-        loss, acc, _ = self.stepper.epoch_metrics()  # one host sync per epoch
-        self.log("train/loss", loss, sync_dist=True)
-        self.log("train/acc", acc, sync_dist=True)
+        loss, acc, images = self.stepper.epoch_metrics()  # one host sync per epoch
+        # No images: a run resumed from a checkpoint written at this epoch's validation (check_val_every_n_epoch
+        # > 1), after its training; Lightning runs only the epoch's end here, and its run logged the metrics.
+        if images:
+            self.log("train/loss", loss, sync_dist=True)
+            self.log("train/acc", acc, sync_dist=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"training diverged: train/loss is {loss} at epoch {self.current_epoch}")
-        # Epoch schedulers step here: after this epoch's validation (plateau reads val/acc) and before the
-        # epoch's checkpoint is written (ModelCheckpoint runs after this hook), so a resume continues exactly.
+        # Epoch schedulers step here: after this epoch's validation and before the epoch's checkpoint is
+        # written (ModelCheckpoint runs after this hook), so a resume continues exactly. (With validation
+        # every n > 1 epochs the checkpoint is written at the validation's end, before this hook: a run
+        # resumed from it runs this hook for that epoch, and they step then.) A plateau on a validation
+        # metric steps after each validation instead (_step_plateau).
         for c in self._epoch_schedulers:
             if (self.current_epoch + 1) % c.frequency:
                 continue
             if isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 monitor, strict = self._monitor
+                if monitor in VALIDATION_METRICS and self.trainer.enable_validation:
+                    continue
                 metric = self.trainer.callback_metrics.get(monitor)
                 if metric is None:
                     if strict:
@@ -230,6 +240,9 @@ class CifarModule(L.LightningModule):
                 c.scheduler.step(float(metric))
             else:
                 c.scheduler.step()
+        # The learning rate the next step will use, for metrics.json and the summary (the loggers have it per
+        # step from _log_step)
+        self.log("train/lr", float(self.optimizers().param_groups[0]["lr"]), logger=False)
 
     def on_train_end(self) -> None:
         if self.stepper is not None:  # the run's step mode, for the summary and metrics.json
@@ -268,9 +281,26 @@ class CifarModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss, acc = self._evaluation()
-        self.val_acc_best(torch.tensor(acc))
-        best = float(self.val_acc_best.compute())
-        self.log_dict({"val/loss": loss, "val/acc": acc, "val/acc_best": best}, prog_bar=True)
+        sanity = self.trainer.sanity_checking
+        if not sanity:  # the sanity check's network is the untrained one: its accuracy is none of the run's
+            self.val_acc_best(torch.tensor(acc))
+        values = {"val/loss": loss, "val/acc": acc}
+        if self.val_acc_best.update_count:
+            values["val/acc_best"] = float(self.val_acc_best.compute())
+        self.log_dict(values, prog_bar=True)
+        if self.trainer.state.fn == "fit" and not sanity:
+            self._step_plateau(values)
+
+    def _step_plateau(self, values: dict[str, float]) -> None:
+        """Step a plateau schedule on a validation metric after each validation of the fit: an epoch without
+        one (check_val_every_n_epoch > 1) is no epoch without improvement, and the step is in the checkpoint
+        that ModelCheckpoint writes at the validation's end (the end of an epoch with validation every n > 1
+        epochs, before on_train_epoch_end)."""
+        monitor = getattr(self, "_monitor", (None, True))[0]
+        for c in self._epoch_schedulers:
+            plateau = isinstance(c.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if plateau and monitor in values and (self.current_epoch + 1) % c.frequency == 0:
+                c.scheduler.step(float(values[monitor]))
 
     def on_test_epoch_start(self) -> None:
         self.evaluator.reset()
