@@ -108,3 +108,25 @@ def test_the_confusion_matrix_covers_the_images_the_accuracy_was_measured_on(spl
     cm = evaluation["confusion_matrix"]
     assert evaluation["split"] == split and sum(map(sum, cm)) == 128
     assert sum(cm[i][i] for i in range(len(cm))) / 128 == pytest.approx(metrics[f"{split}/acc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_under_ddp_the_confusion_matrix_covers_every_ranks_images(tmp_path):
+    """Two CPU processes: test/acc adds both ranks' shards; evaluation.json (drawn on rank 0) covered only rank
+    0's half of the test split."""
+    overrides = [
+        *TINY,
+        "callbacks.figures=true",
+        "data.test_size=300",
+        "data.eval_batch_size=64",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32",
+    ]
+    result = run_script([*overrides, f"hydra.run.dir={tmp_path}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    cm = json.loads((tmp_path / "figures" / "evaluation.json").read_text())["confusion_matrix"]
+    assert sum(map(sum, cm)) == 300  # 150 per rank
+    assert sum(cm[i][i] for i in range(len(cm))) / 300 == pytest.approx(metrics["test/acc"], abs=1e-6)

@@ -156,12 +156,20 @@ class EndOfRunReport(Callback):
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """One pass over the split: confusion counts and the most confidently misclassified images."""
         datamodule = trainer.datamodule
-        loader = datamodule.test_dataloader() if self.split == "test" else datamodule.val_dataloader()
         # The batches Lightning evaluated (trainer.limit_test_batches / limit_val_batches), so the matrix
-        # covers the same images as test/acc (val/acc).
+        # covers the same images as test/acc (val/acc); under DDP those of every rank's shard (this runs on
+        # rank 0 only, and every rank holds the whole split).
         counted = trainer.num_test_batches if self.split == "test" else trainer.num_val_batches
-        if counted and 0 < counted[0] < float("inf"):
-            loader = itertools.islice(loader, int(counted[0]))
+        limit = int(counted[0]) if counted and 0 < counted[0] < float("inf") else None
+
+        def batches():
+            shard = datamodule.test_dataloader() if self.split == "test" else datamodule.val_dataloader()
+            for rank in range(getattr(shard, "world_size", 1)):
+                if hasattr(shard, "rank"):
+                    shard.rank = rank  # a DeviceBatches draws its shard's plan when iterated
+                yield from itertools.islice(shard, limit)
+
+        loader = batches()
         num_classes = int(getattr(pl_module, "num_classes", 0) or datamodule.num_classes)
         counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
         wrong_images, wrong_true, wrong_pred, wrong_conf = [], [], [], []
