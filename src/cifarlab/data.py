@@ -195,36 +195,54 @@ def make_synthetic(num_images: int, num_classes: int = 10, seed: int = 0, image_
     return images, labels
 
 
-def load_imagefolder(root: Path, image_size: int = 32, cache_dir: Path | None = None):
+def load_imagefolder(
+    root: Path, image_size: int = 32, cache_dir: Path | None = None, classes: list[str] | None = None
+):
     """Decode a folder of class sub-folders into uint8 (N, 3, S, S) images; return images, labels, classes.
 
     Files, classes and labels are listed by torchvision's own ``ImageFolder`` functions (sorted class
     folders, sorted files), each image is decoded once, on every core (``datacache.decode_images``), and
-    with a ``cache_dir`` the result is memory-mapped from there after the first load.
+    with a ``cache_dir`` the result is memory-mapped from there after the first load. ``classes`` (the
+    test folder's case): label by these names, the training folder's; a folder may lack some of them.
     """
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data.root={str(root)!r} is not a folder; expected <root>/<class>/<image> files")
+    settings: dict = {"image_size": image_size}
     try:
-        classes, class_to_idx = find_classes(str(root))
-        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        found, class_to_idx = find_classes(str(root))
+        if classes is not None:  # the labels are the training folder's: the same name, the same number
+            if extra := [c for c in found if c not in classes]:
+                shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+                raise DataError(
+                    f"{root / extra[0]}: class folder {extra[0]!r} is not allowed in the test folder; allowed: "
+                    f"the {len(classes)} class folders of data.root ({shown})"
+                )
+            class_to_idx, settings["classes"] = {c: i for i, c in enumerate(classes)}, list(classes)
+        samples = make_dataset(
+            str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=classes is not None
+        )
+        if not samples:
+            raise FileNotFoundError(
+                f"Found no image files; supported extensions: {', '.join(IMG_EXTENSIONS)}"
+            )
     except (FileNotFoundError, RuntimeError) as err:
         raise DataError(f"data.root={str(root)!r}: {err}") from None
     paths = [path for path, _ in samples]
 
     def decode():
-        try:
-            images = datacache.decode_images(paths, image_size)
-        except datacache.UndecodableImage as err:
-            raise DataError(f"data.root={str(root)!r}: {err}; remove or replace that file") from None
+        images = datacache.decode_images(paths, image_size)
         labels = np.array([label for _, label in samples], dtype=np.int64)
-        return {"images": images, "labels": labels}, {"classes": classes}
+        return {"images": images, "labels": labels}, {"classes": found}
 
-    source = datacache.Source("imagefolder", root, paths, {"image_size": image_size})
-    arrays, _ = datacache.load_or_build(cache_dir, source, decode)
-    return torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]), classes
+    source = datacache.Source("imagefolder", root, paths, settings)
+    try:
+        arrays, _ = datacache.load_or_build(cache_dir, source, decode)
+    except datacache.UndecodableImage as err:  # from decoding, or from a file that cannot even be stat'ed
+        raise DataError(f"data.root={str(root)!r}: {err}; remove or replace that file") from None
+    return torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]), classes or found
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -456,12 +474,25 @@ class CifarDataModule(L.LightningDataModule):
         # Training batches per epoch: a count, a fraction, or None for all. Applied here rather than by
         # Lightning, which would count chunks of several batches (see train_dataloader).
         self.limit_train_batches = limit_train_batches
+        from cifarlab.config import ConfigError
+
         if name in CIFAR:
             self.num_classes = CIFAR[name]["num_classes"]
+            # the model's layers are sized for image_size, and CIFAR's images are not resized
+            if image_size != 32:
+                raise ConfigError(
+                    f"data.image_size={image_size!r} is not allowed; allowed: 32 with data={name} "
+                    "(its images are 32x32; data=imagefolder resizes to any size)"
+                )
         elif name == "imagefolder":
             classes = (
                 [p for p in Path(root or ".").iterdir() if p.is_dir()] if root and Path(root).is_dir() else []
             )
+            if num_classes is not None and num_classes < len(classes):  # labels past the model's outputs
+                raise ConfigError(
+                    f"data.num_classes={num_classes!r} is not allowed; allowed: null or >= {len(classes)} "
+                    f"(the class folders of data.root={root!r})"
+                )
             self.num_classes = num_classes or len(classes)
         else:
             self.num_classes = num_classes or 10
@@ -488,7 +519,8 @@ class CifarDataModule(L.LightningDataModule):
     def _image_folders(self) -> list[Path]:
         """data.root, and its sibling test/ folder when there is one (the test split)."""
         test_dir = Path(self.root).parent / "test"
-        return [Path(self.root)] + ([test_dir] if test_dir.is_dir() else [])
+        own = test_dir.is_dir() and test_dir.resolve() != Path(self.root).resolve()  # root=.../test: none
+        return [Path(self.root)] + ([test_dir] if own else [])
 
     def _read(self):
         if self.name in CIFAR:
@@ -501,11 +533,16 @@ class CifarDataModule(L.LightningDataModule):
             return x[:n], y[:n], x[n:], y[n:]
         if self.name == "imagefolder":
             folders = self._image_folders()
-            x, y, _ = load_imagefolder(folders[0], self.image_size, self.cache_dir)
+            x, y, classes = load_imagefolder(folders[0], self.image_size, self.cache_dir)
             if len(folders) > 1:
-                tx, ty, _ = load_imagefolder(folders[1], self.image_size, self.cache_dir)
+                tx, ty, _ = load_imagefolder(folders[1], self.image_size, self.cache_dir, classes)
                 return x, y, tx, ty
             n_test = min(self.test_size, len(y) // 5)
+            if n_test < 1:  # an empty test split: testing would silently report nothing
+                raise DataError(
+                    f"data.root={self.root!r} has {len(y)} images, too few to hold out a test split (at most "
+                    "a fifth of them); add images, or a sibling test/ folder with the same classes"
+                )
             perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed + 1))
             return x[perm[n_test:]], y[perm[n_test:]], x[perm[:n_test]], y[perm[:n_test]]
         raise DataError(f"data.name={self.name!r} is not one of cifar10, cifar100, synthetic, imagefolder")
@@ -538,10 +575,21 @@ class CifarDataModule(L.LightningDataModule):
         self.setup()
         device = self._device()
         images, labels = self.splits[split]
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        if len(labels) < world:  # every device would get an empty shard, and the epoch no batch at all
+            if split == "val":
+                raise DataError(
+                    f"data.val_size={self.val_size} is not allowed; allowed: val_size >= {world} (one "
+                    f"validation image for each of the {world} devices)"
+                )
+            raise DataError(
+                f"data: the {split} split has {len(labels)} images, fewer than the {world} devices that each "
+                "take a shard of it; use more images or fewer devices (trainer.devices)"
+            )
         if images.device != device:
             images, labels = images.to(device), labels.to(device)
             self.splits[split] = (images, labels)
-        trainer = getattr(self, "trainer", None)
         return DeviceBatches(
             images,
             labels,

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
-FORMAT_VERSION = 1  # bump when the layout or the decoding changes: every older entry is then rebuilt
+FORMAT_VERSION = 2  # bump when the layout or the decoding changes: every older entry is then rebuilt
 BUILD_LOG = "builds.log"
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,10 @@ class Source:
         digest = hashlib.sha256(_digest([self.entry_name, sorted(self.settings.items())]).encode())
         prefix = os.path.join(str(self.root), "")
         for path in map(str, self.files):
-            st = os.stat(path)
+            try:
+                st = os.stat(path)
+            except OSError as err:  # e.g. a link to a file that is not there (git-annex, DVC, unmounted)
+                raise UndecodableImage(f"{path} cannot be read ({type(err).__name__}: {err})") from None
             relative = path[len(prefix) :] if path.startswith(prefix) else path
             digest.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return digest.hexdigest()
@@ -308,14 +311,29 @@ def _decode_block(paths: list[str], image_size: int) -> np.ndarray:
 
 
 def decode_image(path: str, image_size: int) -> np.ndarray:
-    """One image file → ``(3, S, S)`` uint8, as ImageFolder + PILToTensor + v2.Resize(antialias) give it."""
+    """One image file → ``(3, S, S)`` uint8, as ImageFolder + PILToTensor + v2.Resize(antialias) give it.
+
+    Except where ImageFolder's ``convert("RGB")`` clips pixels above 255: 16-bit greyscale keeps its high
+    byte, and 32-bit integer or float pixels outside 0..255 raise :class:`UndecodableImage`.
+    """
     from PIL import Image
 
+    wide = None  # pixels beyond 8 bits that convert("RGB") would clip at 255: a whiter image, silently
     try:
         with open(path, "rb") as f:
-            pixels = np.asarray(Image.open(f).convert("RGB"))  # (H, W, 3), as ImageFolder's pil_loader
+            image = Image.open(f)
+            if image.mode.startswith("I;16"):  # 16-bit greyscale: the high byte, as PIL reads 16-bit RGB
+                image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+            elif image.mode in ("I", "F"):  # 32-bit integer or float: fine only when within 0..255
+                values = np.asarray(image)
+                if values.size and not 0 <= values.min() <= values.max() <= 255:
+                    wide = f"{image.mode} pixels from {values.min():g} to {values.max():g}"
+            if wide is None:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3), as ImageFolder's pil_loader
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise UndecodableImage(f"{path} cannot be decoded ({type(err).__name__}: {err})") from None
+    if wide is not None:
+        raise UndecodableImage(f"{path} cannot be decoded ({wide}, outside 0..255); save it as 8-bit")
     if pixels.shape[:2] == (image_size, image_size):
         return pixels.transpose(2, 0, 1)
     import torch
