@@ -53,7 +53,12 @@ def read_outcome(job_dir: Path, objectives: Sequence[str], from_return: bool) ->
         out["duration_s"] = result["duration_s"]
     values = result.get("values")
     if from_return and out.get("status") == "completed":
-        if values is None or len(values) != len(objectives):
+        # a run whose metrics.json lacks the objective (it never validated, say) returns nothing: left
+        # completed without it, the sweep records it `missing_metric` and names the metric
+        unrecorded = values is None and metrics is not None and any(o not in metrics for o in objectives)
+        if values is not None and len(values) == len(objectives):
+            out.update(zip(objectives, values, strict=True))
+        elif not unrecorded:
             got = "nothing" if values is None else f"{len(values)} value(s)"
             out["status"] = "failed"
             out["error"] = result.get("error") or (
@@ -61,8 +66,6 @@ def read_outcome(job_dir: Path, objectives: Sequence[str], from_return: bool) ->
                 f"{list(objectives)}: return a float (or one per direction), or set hydra.sweeper.objectives "
                 "to keys of metrics.json"
             )
-        else:
-            out.update(zip(objectives, values, strict=True))
     return out
 
 

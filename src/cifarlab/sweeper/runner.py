@@ -259,6 +259,7 @@ class Sweep:
         t0 = self.t0
         storage = make_storage(self.s.storage)
         study = open_study(self.s.storage, self.s.study_name, self.s.directions, storage=storage)
+        self._check_space(study)
         heartbeat(study, self.me, len(self.slots), t0)
         others = [w for w in live_workers(study, self.s.stale_after) if w != str(self.me)]
         study.sampler = self._sampler(bool(others), len(study.get_trials(deepcopy=False)))
@@ -322,6 +323,29 @@ class Sweep:
                     with contextlib.suppress(Exception):
                         wandb_service.teardown()
         return report
+
+    def _check_space(self, study: Any) -> None:
+        """A resumed study whose parameters changed in a way Optuna cannot store (a choice's options, a log scale,
+        the kind of a parameter) stops here, with one line, instead of with a traceback at its first ask."""
+        from optuna.distributions import check_distribution_compatibility
+
+        wanted = dict(self.space.params)
+        wanted.update({c.name: c.distribution for c in self.space.conditional})
+        stored: dict[str, Any] = {}
+        for t in study.get_trials(deepcopy=False):
+            for name, dist in t.distributions.items():
+                stored.setdefault(name, dist)
+        for name, dist in wanted.items():
+            if name not in stored:
+                continue
+            try:
+                check_distribution_compatibility(stored[name], dist)
+            except ValueError:
+                raise SweepError(
+                    f"{name}: was {_describe(stored[name])} in the trials of study {self.s.study_name!r} "
+                    f"({redact(self.s.storage)}), is {_describe(dist)} now; a study keeps a parameter's kind, "
+                    "log scale and choices: keep them, or start a new study (hydra.sweeper.study_name=<new name>)"
+                ) from None
 
     def _header(self, study: Any, recovered: list[int], others: list[str]) -> None:
         used = budget_used(study.get_trials(deepcopy=False))
@@ -501,9 +525,18 @@ class Sweep:
             values = [metrics.get(o) for o in self.s.objectives]
             bad = [o for o, v in zip(self.s.objectives, values, strict=True) if not _finite(v)]
             if bad:
-                got = ", ".join(f"{o}={metrics.get(o)!r}" for o in bad)
-                kind = "nan" if any(o in metrics for o in bad) else "missing_metric"
-                fail_trial(study, number, kind, f"objective not a finite number: {got}", extra=attrs)
+                missing = [o for o in bad if o not in metrics]
+                if missing:
+                    kind = "missing_metric"
+                    have = ", ".join(sorted(k for k, v in metrics.items() if _finite(v)))
+                    error = (
+                        f"objective {', '.join(missing)} is not in metrics.json (it has: {have or 'nothing'})"
+                    )
+                else:
+                    kind = "nan"
+                    got = ", ".join(f"{o}={metrics.get(o)!r}" for o in bad)
+                    error = f"objective not a finite number: {got}"
+                fail_trial(study, number, kind, error, extra=attrs)
                 return True, kind
             self._set_attrs(trial, attrs)
             self._tell(study, number, values=[float(v) for v in values])
@@ -625,6 +658,19 @@ class Sweep:
             self.busy_s,
             len(self.slots),
         )
+
+
+def _describe(dist: Any) -> str:
+    """An Optuna distribution in the search-space syntax of the sweeper's ``params``."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return "choice(" + ", ".join(value_text(c) for c in dist.choices) + ")"
+    low, high, step = dist.low, dist.high, getattr(dist, "step", None)
+    if step is not None and not (isinstance(low, int) and step == 1):
+        return f"range({value_text(low)}, {value_text(high)}, {value_text(step)})"
+    text = f"interval({value_text(low)}, {value_text(high)})"
+    return f"tag(log, {text})" if dist.log else text
 
 
 def _trial_handle(study: Any, trial_id: int) -> Any:

@@ -143,6 +143,7 @@ def build_space(
         _add(space, _parse(parser, f"{name}={_config_text(value)}", f"params.{name}"))
 
     passthrough: list[str] = []
+    pinned: dict[str, str] = {}  # plain command-line values: they fix a key, and `when` clauses see them
     for line in arguments:
         override = _parse(parser, line, "command line")
         if override.is_sweep_override():
@@ -153,12 +154,15 @@ def build_space(
             space.params.pop(key, None)
             space.fixed.pop(key, None)
             space.choice_texts.pop(key, None)
+            if not override.is_delete():
+                pinned[key] = override.get_value_element_as_str()
 
     for name, spec in (conditional or {}).items():
-        space.conditional.append(_conditional(parser, str(name), spec))
+        if str(name) not in pinned:  # a conditional parameter fixed on the command line is not searched
+            space.conditional.append(_conditional(parser, str(name), spec))
     space.conditional = _ordered(space.conditional, set(space.params) | set(space.fixed))
-    if context:
-        space.context = {k: v for k, v in context.items() if v is not None}
+    space.context = {k: v for k, v in (context or {}).items() if v is not None}
+    space.context.update(pinned)
     return space, passthrough
 
 

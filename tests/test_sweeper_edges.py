@@ -1,0 +1,217 @@
+"""Edge cases of the Optuna sweeper a user meets by combining settings: real ``python train.py -m`` sweep processes
+on a real journal file, real trials (tiny training runs, or the sleeping stand-in), everything under tmp_path.
+
+- A plain value on the command line for a searched group (``optimizer=adam``) fixes it, and the parameters that
+  are conditional on it are then searched (``optimizer.betas``); a plain value for a conditional parameter fixes it.
+- A resumed study whose search space changed in a way Optuna cannot store (a choice's options, an interval's log
+  scale, a parameter's kind) stops at once with one line saying which parameter and what to do; it leaves no
+  trial behind.
+- Fine but untested before: a trial that early-stops is COMPLETE with the best val/acc, not the last one; warm and
+  subprocess trials give the same objective for the same parameters and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from cifarlab.sweeper.study import make_storage
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SLEEP_TASK = f"hydra.sweeper.task_command=[{PY},-m,cifarlab.sweeper.sleep_task]"
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# the shipped tiny search, cut to 1-epoch trials without pruning
+TINY = [
+    "hparams_search=synthetic_tiny",
+    "trainer.max_epochs=1",
+    "hydra/sweeper/pruner=none",
+    "hydra.sweeper.plots=false",
+]
+
+STANDIN = """\
+# @package _global_
+defaults:
+  - override /data: synthetic
+  - override /hydra/sweeper: cifarlab_optuna
+  - override /hydra/sweeper/sampler: random
+  - override /hydra/sweeper/pruner: none
+hydra:
+  sweeper:
+    study_name: changed
+    n_trials: 1
+    n_jobs: 1
+    monitor: none
+    plots: false
+    wandb_summary: false
+    params:
+      x: interval(0.0, 1.0)
+      kind: choice(a, b)
+      sleep: 0.05
+"""
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CIFARLAB_DATA_DIR=str(tmp_path / "data"), WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _sweep(
+    tmp_path: Path, sweep_dir: Path, *args: str, conf: Path | None = None
+) -> subprocess.CompletedProcess:
+    cmd = [PY, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}", *args]
+    if conf is not None:
+        cmd.insert(3, f"--config-dir={conf}")
+    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _trials(sweep_dir: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    storage = make_storage(f"journal:{sweep_dir}/journal.log")
+    return optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
+def _config(trial: optuna.trial.FrozenTrial) -> dict:
+    return yaml.safe_load((Path(trial.user_attrs["job_dir"]) / "config.yaml").read_text())
+
+
+# ---- a group fixed on the command line still gets its conditional parameters searched ---------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_group_fixed_on_the_command_line_keeps_its_conditional_parameters_searched(tmp_path):
+    # synthetic_tiny searches optimizer.betas when optimizer is adam: fixing optimizer=adam must search it
+    sweep = tmp_path / "adam"
+    _ok(_sweep(tmp_path, sweep, *TINY, "optimizer=adam", "hydra.sweeper.n_trials=2"))
+    trials = _trials(sweep, "synthetic_tiny")
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    for t in trials:
+        assert set(t.params) == {"optimizer.lr", "model.dropout", "optimizer.betas"}, t.params
+        assert _config(t)["optimizer"]["betas"] == yaml.safe_load(t.params["optimizer.betas"])
+
+
+@pytest.mark.timeout(300)
+def test_a_conditional_parameter_fixed_on_the_command_line_is_not_searched(tmp_path):
+    sweep = tmp_path / "momentum"
+    args = ("optimizer=momentum", "optimizer.momentum=0.9", "hydra.sweeper.n_trials=2")
+    _ok(_sweep(tmp_path, sweep, *TINY, *args))
+    for t in _trials(sweep, "synthetic_tiny"):
+        assert t.state == TrialState.COMPLETE and set(t.params) == {"optimizer.lr", "model.dropout"}
+        assert _config(t)["optimizer"]["momentum"] == 0.9
+
+
+# ---- the objective is missing: the trial fails with one line that names it ------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launch", ["fork", "subprocess"])
+def test_a_run_without_its_objective_fails_with_missing_metric(tmp_path, launch):
+    # 1 epoch, validation every 2nd: the run completes without ever computing val/acc_best
+    sweep = tmp_path / launch
+    args = (
+        "trainer.check_val_every_n_epoch=2",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.max_failure_rate=1",
+        f"hydra.sweeper.launch={launch}",
+    )
+    _ok(_sweep(tmp_path, sweep, *TINY, *args))
+    [trial] = _trials(sweep, "synthetic_tiny")
+    error = trial.user_attrs["error"]
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "missing_metric", error
+    assert "val/acc_best is not in metrics.json" in error and "train/loss" in error, error
+    assert "\n" not in error and "return a float" not in error, error
+
+
+# ---- a resumed study whose space changed incompatibly ------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ("kind=choice(a,b,c)", "kind"),  # new options of a choice
+        ("x=tag(log,interval(0.01,1.0))", "x"),  # a log scale where there was none
+        ("x=choice(0.1,0.2)", "x"),  # another kind of parameter
+    ],
+)
+def test_a_resumed_study_with_an_incompatible_space_says_which_parameter(tmp_path, change, what):
+    conf = tmp_path / "conf"
+    (conf / "hparams_search").mkdir(parents=True)
+    (conf / "hparams_search" / "changed.yaml").write_text(STANDIN)
+    sweep = tmp_path / "sweep"
+    _ok(_sweep(tmp_path, sweep, "hparams_search=changed", SLEEP_TASK, conf=conf))
+    before = _trials(sweep, "changed")
+    assert [t.state for t in before] == [TrialState.COMPLETE]
+
+    result = _sweep(
+        tmp_path, sweep, "hparams_search=changed", SLEEP_TASK, "hydra.sweeper.n_trials=3", change, conf=conf
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in out, out[-3000:]
+    error = next(line for line in out.splitlines() if line.startswith("error:"))
+    assert f"{what}:" in error and "'changed'" in error and "study_name" in error, error
+    after = _trials(sweep, "changed")
+    assert len(after) == 1 and after[0].state == TrialState.COMPLETE  # nothing asked, nothing left RUNNING
+
+    # a compatible change (a wider interval) resumes the study
+    _ok(
+        _sweep(
+            tmp_path,
+            sweep,
+            "hparams_search=changed",
+            SLEEP_TASK,
+            "hydra.sweeper.n_trials=2",
+            "x=interval(0.0,2.0)",
+            conf=conf,
+        )
+    )
+    assert [t.state for t in _trials(sweep, "changed")] == [TrialState.COMPLETE] * 2
+
+
+# ---- fine, and now tested -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_an_early_stopped_trial_is_complete_with_its_best_val_acc(tmp_path):
+    sweep = tmp_path / "es"
+    args = (
+        "hydra.sweeper.n_trials=1",
+        "trainer.max_epochs=8",
+        "callbacks.early_stopping_patience=1",
+        "optimizer=adam",
+        "optimizer.lr=0.03",  # too high: val/acc stalls at once, so the trial stops early
+    )
+    _ok(_sweep(tmp_path, sweep, *TINY, *args))
+    [trial] = _trials(sweep, "synthetic_tiny")
+    metrics = json.loads((Path(trial.user_attrs["job_dir"]) / "metrics.json").read_text())
+    assert trial.state == TrialState.COMPLETE and metrics["status"] == "completed"
+    assert metrics["epochs"] < 8, "the trial did not stop early"
+    assert trial.value == pytest.approx(metrics["val/acc_best"])
+    assert metrics["val/acc_best"] == max(trial.intermediate_values.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_warm_and_subprocess_trials_give_the_same_objective(tmp_path):
+    values = {}
+    for launch in ("fork", "subprocess"):
+        sweep = tmp_path / launch
+        args = ("hydra.sweeper.n_trials=2", "trainer.max_epochs=2", f"hydra.sweeper.launch={launch}")
+        _ok(_sweep(tmp_path, sweep, *TINY, *args))
+        values[launch] = [(t.params, t.value) for t in _trials(sweep, "synthetic_tiny")]
+    assert values["fork"] == values["subprocess"]
