@@ -407,7 +407,7 @@ SEED = Range(0, 2**32 - 1, integer=True)  # numpy's seed range
 # fails tests/test_errors.py until it has a range here.
 OPTIMIZER_RANGES = {
     "lr": POSITIVE,
-    "eps": NON_NEGATIVE,
+    "eps": POSITIVE,  # eps = 0: a zero gradient gives 0/0 in Adagrad, RMSprop, Adam
     "momentum": FRACTION,
     "beta": FRACTION,
     "rho": FRACTION,

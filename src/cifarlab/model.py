@@ -49,6 +49,10 @@ class CifarCNN(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.dropout={dropout} is out of range; allowed: 0 <= dropout < 1")
+        if not image_size >= 8:  # three 2x poolings: smaller images fail in the first forward pass
+            raise ValueError(
+                f"image_size={image_size} is too small; allowed: image_size >= 8 (data.image_size)"
+            )
         widths = (in_channels, 32, 64, 128)
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):

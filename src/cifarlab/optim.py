@@ -40,11 +40,20 @@ __all__ = [
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
-def _check(name: str, value: float, low: float, high: float = math.inf, *, high_open: bool = True) -> None:
-    ok = low <= value < high if high_open else low <= value <= high
-    if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"invalid {name}={value!r}; allowed: [{low}, {high}{bracket}")
+def _check(
+    name: str,
+    value: float,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> None:
+    above = low < value if low_open else low <= value
+    below = value < high if high_open else value <= high
+    if not (above and below):
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"invalid {name}={value!r}; allowed: {left}{low}, {high}{right}")
 
 
 class _CourseOptimizer(Optimizer):
@@ -163,7 +172,7 @@ class AdaGrad(_CourseOptimizer):
     def __init__(
         self, params: Params, lr: float = 0.01, eps: float = 1e-6, weight_decay: float = 0.0
     ) -> None:
-        _check("eps", eps, 0.0)
+        _check("eps", eps, 0.0, low_open=True)  # ε = 0: a zero gradient gives 0/0
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -193,7 +202,7 @@ class RMSProp(_CourseOptimizer):
         weight_decay: float = 0.0,
     ) -> None:
         _check("rho", rho, 0.0, 1.0)
-        _check("eps", eps, 0.0)
+        _check("eps", eps, 0.0, low_open=True)  # ε = 0: a zero gradient gives 0/0
         super().__init__(params, {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay})
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
@@ -233,7 +242,7 @@ class Adam(_CourseOptimizer):
             raise ValueError(f"invalid betas={betas!r}; expected two values (β1, β2)")
         _check("betas[0]", betas[0], 0.0, 1.0)
         _check("betas[1]", betas[1], 0.0, 1.0)
-        _check("eps", eps, 0.0)
+        _check("eps", eps, 0.0, low_open=True)  # ε = 0: a zero gradient gives 0/0
         defaults = {
             "lr": lr,
             "betas": betas,

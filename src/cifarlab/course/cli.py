@@ -10,6 +10,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 DEFAULT_OUT = Path("course_figures")
@@ -70,8 +71,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject values the labs cannot use before any work, as argparse does: usage, one error line, exit 2.
+    (Unchecked, they ended in a traceback from deep inside the lab, or silently in NaN.)"""
+
+    def need(ok: bool, flag: str, value: object, allowed: str) -> None:
+        if not ok:
+            parser.error(f"{flag}={value} is not allowed; allowed: {allowed}")
+
+    out = getattr(args, "out", None)
+    if out is not None:
+        need(not out.exists() or out.is_dir(), "--out", out, "a folder (this path is a file)")
+    if args.command == "init-variance":
+        need(args.n_out >= 1, "--n-out", args.n_out, "an integer >= 1")
+        need(args.max_n_in >= 1, "--max-n-in", args.max_n_in, "an integer >= 1")
+        need(args.batch >= 2, "--batch", args.batch, "an integer >= 2 (a variance needs two inputs)")
+    elif args.command == "gradients":
+        size = args.image_size
+        need(size >= 8 and size % 8 == 0, "--image-size", size, "a multiple of 8 (three 2x poolings), >= 8")
+        need(args.steps >= 1, "--steps", args.steps, "an integer >= 1")
+        need(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1")
+        need(math.isfinite(args.lr) and args.lr >= 0, "--lr", args.lr, "a number >= 0")
+        need(0 <= args.momentum < 1, "--momentum", args.momentum, "0 <= momentum < 1")
+        need(args.threads >= 0, "--threads", args.threads, "an integer >= 0 (0: torch's default)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     if args.command == "demos":
         from cifarlab.course import demos
 
@@ -87,12 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "gradients":
         from cifarlab.course import gradients
 
-        if args.image_size % 8:
-            build_parser().error(
-                f"--image-size={args.image_size} must be a multiple of 8 (three 2x poolings)"
-            )
-        if args.steps < 1:
-            build_parser().error(f"--steps={args.steps} must be at least 1")
         gradients.main(
             args.out,
             steps=args.steps,

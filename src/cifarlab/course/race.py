@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 
 # course optimizer → the torch.optim configuration it is raced against (same formula or closest relative)
@@ -65,7 +66,10 @@ def format_race(table: dict[str, dict]) -> str:
 def main(sweep_dir: Path) -> int:
     trials_csv = Path(sweep_dir) / "trials.csv"
     if not trials_csv.is_file():
-        print(f"error: {trials_csv} not found; run python train.py -m hparams_search=course_optimizers first")
+        print(
+            f"error: {trials_csv} not found; run python train.py -m hparams_search=course_optimizers first",
+            file=sys.stderr,
+        )
         return 1
     print(format_race(best_per_optimizer(trials_csv)))
     return 0
