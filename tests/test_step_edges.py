@@ -193,3 +193,17 @@ def test_validate_and_test_without_a_fit(tmp_path):
     assert tested["test/loss"] == pytest.approx(loss, rel=1e-5)
     assert tested["test/acc"] == pytest.approx(acc, rel=1e-6)
     assert module.eval_mode == "eager" and module.stepper is None
+
+
+def test_a_onecycle_resume_with_more_epochs_is_refused_before_any_step(tmp_path):
+    """scheduler=onecycle keeps the length its run planned (14 steps for 2 epochs of 7): a resume with 4 epochs
+    failed at step 15 ("Tried to step 15 times"); it is refused at the start, naming the setting."""
+    base = TINY + ["scheduler=onecycle", "optimizer=sgd"]
+    fit(base + ["trainer.max_epochs=2"], tmp_path / "first")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        ConfigError, match=r"trainer.max_epochs=4 is not allowed for this resume; allowed: <= 2"
+    ):
+        fit(base + ["trainer.max_epochs=4"], tmp_path / "second", ckpt_path=str(last))
+    _, trainer = fit(base + ["trainer.max_epochs=2"], tmp_path / "third", ckpt_path=str(last))
+    assert trainer.global_step == 14  # the same length resumes (and finishes at once)

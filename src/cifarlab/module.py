@@ -165,6 +165,25 @@ class CifarModule(L.LightningModule):
         configs = self.trainer.lr_scheduler_configs
         self._step_schedulers = [c for c in configs if c.interval == "step"]
         self._epoch_schedulers = [c for c in configs if c.interval != "step"]
+        self._check_resumed_schedule()
+
+    def _check_resumed_schedule(self) -> None:
+        """A one-cycle schedule restored from a checkpoint keeps the length its run planned: a resume with more
+        epochs would fail mid-run ("Tried to step N times"). Refused here, before any step, in one line."""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "train_steps_per_epoch"):
+            return
+        per_epoch = max(1, datamodule.train_steps_per_epoch())  # optimizer steps (Lightning counts chunks)
+        needed = per_epoch * max(1, trainer.max_epochs or 1)
+        for c in self._step_schedulers:
+            planned = getattr(c.scheduler, "total_steps", None)
+            if isinstance(c.scheduler, torch.optim.lr_scheduler.OneCycleLR) and planned < needed:
+                raise ConfigError(
+                    f"trainer.max_epochs={trainer.max_epochs} is not allowed for this resume; allowed: "
+                    f"<= {max(1, planned // per_epoch)} (scheduler=onecycle was planned for {planned} steps by the "
+                    "run that wrote the checkpoint; to train longer, start a new run)"
+                )
 
     def training_step(self, chunk: Chunk, chunk_idx: int) -> None:
         opt = self.optimizers()
