@@ -76,7 +76,7 @@ def run_tags(config: Mapping[str, Any], extra: list[str] | None = None) -> list[
         f"data:{data.get('name', '?')}",
     ]
     for tag in extra or []:
-        if tag not in tags:
+        if str(tag).strip() and tag not in tags:  # W&B refuses a whole run for one empty tag
             tags.append(str(tag))
     return [t[:64] for t in tags]  # W&B's limit
 
@@ -146,6 +146,22 @@ def reachable(base_url: str | None = None, timeout: float = 3.0) -> bool:
     return bool(result and result[0])
 
 
+_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
+def check_project(project: str) -> None:
+    """The names W&B accepts (else ``wandb.init`` raises UsageError, a traceback): 1 to 128 characters,
+    none of ``/ \\ # ? % :``."""
+    from cifarlab.config import ConfigError
+
+    name = str(project)
+    if not name.strip() or len(name) > 128 or any(c in name for c in _PROJECT_FORBIDDEN):
+        raise ConfigError(
+            f"logger.project={project!r} is not allowed; allowed: a W&B project name of 1 to 128 characters "
+            f"without {' '.join(_PROJECT_FORBIDDEN)}"
+        )
+
+
 def _say(message: str) -> None:
     print(f"wandb: {message}", file=sys.stderr, flush=True)
 
@@ -164,6 +180,7 @@ def init_wandb_run(
     init_timeout: float = 10.0,
 ):
     """``wandb.init`` that never hangs: online needs a key and a reachable server, else it logs offline."""
+    check_project(project)
     import wandb
 
     save_dir = Path(save_dir)
@@ -407,6 +424,8 @@ def log_sweep_summary(study, sweep_dir: str | Path, group: str | None, logger_cf
         for key in ("run_name", "job_dir", "output_dir"):
             if key in best.user_attrs:
                 summary[f"best/{key}"] = _cell(best.user_attrs[key])
+    elif len(directions) > 1:  # no single best trial: the Pareto front's trial numbers
+        summary["best_trials"] = [t.number for t in study.best_trials]
 
     run = init_wandb_run(
         name=f"{group}-summary",
@@ -424,10 +443,14 @@ def log_sweep_summary(study, sweep_dir: str | Path, group: str | None, logger_cf
         run.define_metric("sweep/trial")
         run.define_metric("sweep/*", step_metric="sweep/trial")
         # The optimisation history as native charts: each finished trial's value and the best so far.
+        # Several objectives: each trial's values as sweep/value_<i> (trial.value is refused there).
         sign = -1.0 if directions and directions[0] == "minimize" else 1.0
         best_so_far = None
         for t in study.get_trials(deepcopy=False):
-            if t.state.name != "COMPLETE" or t.value is None:
+            if t.state.name != "COMPLETE" or not t.values:
+                continue
+            if len(t.values) > 1:
+                run.log({"sweep/trial": t.number, **{f"sweep/value_{i}": v for i, v in enumerate(t.values)}})
                 continue
             best_so_far = (
                 t.value

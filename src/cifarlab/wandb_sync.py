@@ -182,7 +182,8 @@ def _describe(folder: Path) -> str:
     status = run.summary.get("status", run.state)
     group = f"  group {run.group}" if run.group else ""
     synced = "  [synced]" if run.synced else ""
-    return f"  {run.name or run.id}  {run.job_type or '-'}  {status}{group}{synced}\n      {folder}"
+    name = run.name or run.id or folder.name.rsplit("-", 1)[-1]  # an empty run: its folder's id
+    return f"  {name}  {run.job_type or '-'}  {status}{group}{synced}\n      {folder}"
 
 
 def main(argv: list[str] | None = None) -> int:
