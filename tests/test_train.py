@@ -216,3 +216,36 @@ def test_a_run_prints_its_device_once_and_no_lightning_noise(tmp_path):
     assert evaluated.stdout.splitlines()[0].startswith("device: cpu, 1 process, ")
     for noise in ("GPU available", "TPU available", "litlogger", "Automatic Mixed Precision", "INFO"):
         assert noise not in evaluated.stdout + evaluated.stderr, noise
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_exits_143_and_says_interrupted(tmp_path):
+    """A job scheduler's or `kill`'s SIGTERM: Lightning stops the run with a SystemExit without a code, so
+    train.py exited 0 as if it had finished. It exits 143 (128 + SIGTERM), metrics.json says interrupted, and
+    the last finished epoch's checkpoint is there to resume from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [*TINY, "trainer.max_epochs=200", "test=false", "trainer.precision=32", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last.ckpt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and 0 < metrics["epochs"] < 200
+    assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -67,6 +67,12 @@ def main(hydra_main: Callable[[], Any], conf_dir: Path, config_name: str) -> Non
     os.environ["HYDRA_FULL_ERROR"] = os.environ[_OWN_FULL_ERROR] = "1"
     try:
         hydra_main()
+    except SystemExit as err:
+        # Lightning's SIGTERMException is a SystemExit without a code: a killed run would exit 0 and look
+        # successful to a job scheduler or a shell script. 143 = 128 + SIGTERM, what a shell reports.
+        if type(err).__name__ == "SIGTERMException":
+            raise SystemExit(143) from None
+        raise
     except Exception as err:
         if _task_started or not is_usage_error(err):  # a bug, not a mistake on the command line
             raise
