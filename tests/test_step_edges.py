@@ -6,6 +6,7 @@ another steps_per_call, bf16 and evaluation without a fit. Real Lightning Traine
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -207,3 +208,24 @@ def test_a_onecycle_resume_with_more_epochs_is_refused_before_any_step(tmp_path)
         fit(base + ["trainer.max_epochs=4"], tmp_path / "second", ckpt_path=str(last))
     _, trainer = fit(base + ["trainer.max_epochs=2"], tmp_path / "third", ckpt_path=str(last))
     assert trainer.global_step == 14  # the same length resumes (and finishes at once)
+
+
+def test_a_resume_in_a_new_folder_keeps_the_best_checkpoint_of_the_run_before(tmp_path):
+    """A resumed run writes into a new folder, where Lightning forgot the best score: its first validation
+    became "best" however bad, and the final test used it. The earlier best (here made unbeatable: its score
+    set to 0.99 in last.ckpt) is copied into the new folder and stays best; the old folder is left as it was."""
+    base = TINY + ["trainer.max_epochs=2"]
+    fit(base, tmp_path / "first")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    [key] = [k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint") and "val/acc" in k]
+    state = ckpt["callbacks"][key]
+    state["best_model_score"] = torch.tensor(0.99)
+    torch.save(ckpt, last)
+    old_best = Path(state["best_model_path"])
+    before = sorted(p.name for p in (tmp_path / "first" / "checkpoints").iterdir())
+    _, trainer = fit(TINY + ["trainer.max_epochs=3"], tmp_path / "second", ckpt_path=str(last))
+    best = Path(trainer.checkpoint_callback.best_model_path)
+    assert best == tmp_path / "second" / "checkpoints" / old_best.name and best.is_file()
+    assert float(trainer.checkpoint_callback.best_model_score) == pytest.approx(0.99)
+    assert sorted(p.name for p in (tmp_path / "first" / "checkpoints").iterdir()) == before

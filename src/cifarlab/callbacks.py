@@ -50,6 +50,37 @@ class EpochLines(Callback):
         print("  ".join(parts), flush=True)
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps the best epoch of a resumed run.
+
+    A resume writes into a new run folder; Lightning then restores only ``best_model_path`` and forgets the
+    best score, so the resumed run's first validation became "best" however bad it was, and the final test
+    and the W&B model artifact used that checkpoint. Here the earlier best checkpoint is copied into the new
+    folder with its score (the old run's folder is never written to), and competes as usual.
+    """
+
+    @property
+    def state_key(self) -> str:  # ModelCheckpoint's: checkpoints written before this class still resume
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        old = state_dict.get("best_model_path") or ""
+        score = state_dict.get("best_model_score")
+        elsewhere = state_dict.get("dirpath") not in (None, self.dirpath)
+        if not (elsewhere and self.monitor and score is not None and Path(old).is_file() and self.dirpath):
+            return
+        import shutil
+
+        copy = Path(self.dirpath) / Path(old).name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if not copy.exists():
+            shutil.copy2(old, copy)
+        self.best_model_path = self.kth_best_model_path = str(copy)
+        self.best_model_score = self.kth_value = score
+        self.best_k_models = {str(copy): score}
+
+
 def build_callbacks(
     output_dir: Path,
     checkpoint: bool = True,
@@ -62,7 +93,7 @@ def build_callbacks(
         ckpt_dir = output_dir / "checkpoints"
         # The best epoch by val/acc (what the final test uses) ...
         callbacks.append(
-            ModelCheckpoint(
+            BestCheckpoint(
                 dirpath=ckpt_dir,
                 filename="epoch{epoch:03d}-acc{val/acc:.4f}",
                 auto_insert_metric_name=False,

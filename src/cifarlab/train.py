@@ -158,6 +158,8 @@ def quiet_lightning() -> None:
         logging.getLogger(name).propagate = True
     warnings.filterwarnings("ignore", message=r".*ckpt_path.*")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    # a resume into a new run folder: cifarlab's BestCheckpoint carries the best checkpoint over itself
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
