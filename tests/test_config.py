@@ -137,3 +137,12 @@ def test_cfg_job_resolve_needs_no_running_job():
         assert cfg.output_dir == cfg.hydra.run.dir and cfg.output_dir.startswith("runs/")
     finally:  # HydraConfig is process-wide: leave none behind for the next test in this worker
         HydraConfig.instance().cfg = None
+
+
+def test_log_model_without_checkpoints_is_refused():
+    """logger.log_model=true uploads the best checkpoint; with callbacks.checkpoint=false there is none, and the
+    run uploaded nothing without a word."""
+    cfg = compose_train(["logger=wandb", "logger.log_model=true", "callbacks.checkpoint=false"])
+    with pytest.raises(ConfigError, match=r"logger.log_model=True is not allowed; allowed: false when"):
+        validate(cfg)
+    validate(compose_train(["logger=wandb", "logger.log_model=true"]))

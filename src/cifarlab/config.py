@@ -351,6 +351,12 @@ def validate(cfg: DictConfig) -> None:
     _check_trainer(t)
     _check_numbers("logger", cfg.logger, {"grad_norm_every_n_steps": INT_0, "init_timeout": POSITIVE})
     _check(bool(str(cfg.logger.project).strip()), "logger.project", cfg.logger.project, "a W&B project name")
+    _check(
+        not (cfg.logger.name == "wandb" and cfg.logger.get("log_model") and not cfg.callbacks.checkpoint),
+        "logger.log_model",
+        cfg.logger.get("log_model"),
+        "false when callbacks.checkpoint=false (no checkpoint is written to upload)",
+    )
     _check_numbers("callbacks", cfg.callbacks, {"early_stopping_patience": INT_0})
     _check_numbers("", cfg, {"seed": SEED})
     _check(
