@@ -306,7 +306,7 @@ def test_evaluation_sums_give_what_a_plain_evaluation_gives(tmp_path):
 def test_k_steps_under_ddp_train_like_one_step_per_call(tmp_path):
     """Two CPU processes (gloo): K = 3 and K = 1 end with the same parameters on both ranks (DDP averaged the
     gradients of their different shards) and the same validation (each rank evaluates its shard of the
-    validation images; the sums are added over ranks)."""
+    validation images, every image on some rank; the sums are added over ranks)."""
     import os
     import subprocess
     import sys
@@ -331,7 +331,8 @@ def test_k_steps_under_ddp_train_like_one_step_per_call(tmp_path):
     for k in ("1", "3"):
         out = tmp_path / k
         out.mkdir()
-        overrides = [o for o in TINY if not o.startswith("trainer.steps_per_call")] + [
+        overrides = [o for o in TINY if not o.startswith(("trainer.steps_per_call", "data.val_size"))] + [
+            "data.val_size=111",  # odd: one rank validates 56 images, the other 55
             "trainer=ddp",
             "trainer.accelerator=cpu",
             "trainer.devices=2",
@@ -353,13 +354,13 @@ def test_k_steps_under_ddp_train_like_one_step_per_call(tmp_path):
         ends[k], other_rank = (torch.load(out / f"end{r}.pt", weights_only=False) for r in (0, 1))
         for name, p in ends[k]["net"].items():  # the ranks' gradients were averaged: one model
             torch.testing.assert_close(p, other_rank["net"][name], rtol=0, atol=0, msg=name)
-    # 212 - 112 = 100 training images over 2 ranks: 50 each, batch 16: 4 steps per epoch and rank
+    # 212 - 111 = 101 training images over 2 ranks: 50 each (one left out), batch 16: 4 steps per epoch and rank
     assert ends["1"]["step"] == ends["3"]["step"] == 8
     for name, p in ends["1"]["net"].items():
         torch.testing.assert_close(p, ends["3"]["net"][name], rtol=1e-5, atol=1e-6, msg=name)
     assert ends["1"]["val"]["val/acc"] == pytest.approx(ends["3"]["val"]["val/acc"], rel=1e-6)
     assert ends["1"]["val"]["val/loss"] == pytest.approx(ends["3"]["val"]["val/loss"], rel=1e-5)
-    # the ranks' sums add up to one evaluation of all 112 validation images in one process
+    # the ranks' sums add up to one evaluation of all 111 validation images in one process (none left out)
     cfg = compose_train(overrides, tmp_path / "one")
     dm = build_datamodule(cfg)
     net = build_module(cfg, dm.num_classes).net

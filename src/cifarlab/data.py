@@ -332,8 +332,13 @@ class DeviceBatches:
         channels_last: bool = True,
         max_batches: int | None = None,
         pad: int = 4,
+        even_shards: bool = True,
     ) -> None:
         self.images, self.labels = images, labels
+        # Under DDP: every rank the same number of images (training: each step all-reduces gradients, so every
+        # rank must take as many steps; up to world_size - 1 images are left out per epoch), or every image on
+        # some rank (evaluation: nothing is synchronised per batch; the sums are added over ranks at the end).
+        self.even_shards = even_shards
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.channels_last, self.max_batches, self.pad = channels_last, max_batches, pad
@@ -345,7 +350,9 @@ class DeviceBatches:
 
     def _per_rank(self) -> int:
         n = len(self.labels)
-        return n // self.world_size if self.world_size > 1 else n
+        if self.world_size <= 1:
+            return n
+        return n // self.world_size if self.even_shards else len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
         n = self._per_rank()
@@ -599,6 +606,7 @@ class CifarDataModule(L.LightningDataModule):
             shuffle=train,
             augment=train and self.augment,
             drop_last=False,
+            even_shards=train,  # evaluation: every image, on some rank
             seed=self.seed,
             epoch=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
             rank=trainer.global_rank if trainer is not None else 0,
