@@ -248,4 +248,5 @@ def test_a_run_stopped_by_sigterm_exits_143_and_says_interrupted(tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "interrupted" and 0 < metrics["epochs"] < 200
+    assert metrics["error"].startswith("interrupted by SIGTERM at epoch ")
     assert (out / "checkpoints" / "last.ckpt").is_file()

@@ -257,6 +257,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         metrics["status"] = "interrupted" if is_interruption(err) else "failed"
         metrics["error"] = f"{type(err).__name__}: {err}"
+        if is_interruption(err):  # SystemExit: 1 / SIGTERMException: (empty) said nothing
+            by = "SIGTERM" if type(err).__name__ == "SIGTERMException" else "Ctrl-C (SIGINT)"
+            metrics["error"] = (
+                f"interrupted by {by} at epoch {trainer.current_epoch}, step {trainer.global_step}"
+            )
         raise
     finally:
         metrics.update(
