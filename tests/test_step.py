@@ -58,11 +58,16 @@ def fit(overrides: list[str], out: Path, ckpt_path: str | None = None):
 
 
 def plain_loop(overrides: list[str], out: Path) -> torch.nn.Module:
-    """The same run as a plain PyTorch loop: one batch, one optimizer step, one scheduler step at a time."""
+    """The same run as a plain PyTorch loop: one batch, one optimizer step, one scheduler step at a time.
+    ``trainer.precision=bf16-true``: bf16 weights and inputs; ``bf16-mixed``: the forward under CPU autocast,
+    loss and backward outside it."""
     cfg = compose_train(overrides, out)
     L.seed_everything(cfg.seed, verbose=False)
     dm = build_datamodule(cfg)
     net = build_module(cfg, dm.num_classes).net  # the same initial weights, the same RNG state after them
+    precision = str(cfg.trainer.precision)
+    if precision == "bf16-true":
+        net = net.to(torch.bfloat16)
     dm.setup()
     images, labels = dm.splits["train"]
     optimizer = build_optimizer(
@@ -90,7 +95,9 @@ def plain_loop(overrides: list[str], out: Path) -> torch.nn.Module:
         )
         for x, y in batches:
             optimizer.zero_grad()
-            F.cross_entropy(net(x).float(), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                logits = net(x.to(next(net.parameters()).dtype))
+            F.cross_entropy(logits.float(), y).backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
             optimizer.step()

@@ -11,16 +11,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
-from hydra.utils import instantiate
 
 from cifarlab.config import ConfigError
 from cifarlab.data import DeviceBatches
-from cifarlab.model import parameter_groups
-from cifarlab.module import build_optimizer
 from cifarlab.train import build_datamodule, build_module, build_trainer, run
 from tests.conftest import compose_train
-from tests.test_step import TINY, assert_same_parameters, fit, plain_evaluation
+from tests.test_step import TINY, assert_same_parameters, fit, plain_evaluation, plain_loop
 
 
 def test_a_run_resumed_from_a_checkpoint_written_at_validation_resumes_exactly(tmp_path):
@@ -141,35 +137,7 @@ def test_bf16_k_steps_train_like_a_plain_bf16_loop(precision, tmp_path):
     ]
     module, trainer = fit(overrides, tmp_path / "k")
     assert trainer.global_step == 14
-    cfg = compose_train(overrides, tmp_path / "plain")
-    L.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg)
-    net = build_module(cfg, dm.num_classes).net
-    if precision == "bf16-true":
-        net = net.to(torch.bfloat16)
-    dm.setup()
-    images, labels = dm.splits["train"]
-    optimizer = build_optimizer(
-        instantiate(cfg.optimizer, _convert_="all"), parameter_groups(net, cfg.model.weight_decay)
-    )
-    for epoch in range(2):
-        net.train()
-        for x, y in DeviceBatches(
-            images,
-            labels,
-            cfg.data.batch_size,
-            mean=dm.mean,
-            std=dm.std,
-            shuffle=True,
-            augment=True,
-            seed=cfg.seed,
-            epoch=lambda e=epoch: e,
-        ):
-            optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-                logits = net(x.to(next(net.parameters()).dtype))
-            F.cross_entropy(logits.float(), y).backward()
-            optimizer.step()
+    net = plain_loop(overrides, tmp_path / "plain")
     assert next(module.net.parameters()).dtype == next(net.parameters()).dtype
     for (name, p), q in zip(module.net.named_parameters(), net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
