@@ -366,7 +366,7 @@ def _plain_setup(job: dict[str, Any], capturable: bool = False) -> SimpleNamespa
     from cifarlab.data import DeviceBatches
     from cifarlab.model import CifarCNN, parameter_groups
     from cifarlab.module import build_optimizer
-    from cifarlab.step import optimizer_for_capture
+    from cifarlab.step import autocast_dtype, optimizer_for_capture
     from cifarlab.train import resolve_precision
 
     cfg = compose(job["overrides"])
@@ -398,7 +398,7 @@ def _plain_setup(job: dict[str, Any], capturable: bool = False) -> SimpleNamespa
         cfg=cfg,
         device=device,
         precision=precision,
-        dtype={"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision),
+        dtype=autocast_dtype(precision),
         layout="NHWC" if channels_last else "NCHW",
         batches=batches,
         net=net,

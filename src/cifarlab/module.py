@@ -16,7 +16,7 @@ from torchmetrics import MaxMetric
 from cifarlab.config import ConfigError
 from cifarlab.data import Chunk
 from cifarlab.model import parameter_groups
-from cifarlab.step import EvalStep, TrainStep, capture_blocker, optimizer_for_capture
+from cifarlab.step import EvalStep, TrainStep, autocast_dtype, capture_blocker, optimizer_for_capture
 
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params) -> torch.optim.Optimizer:
@@ -143,13 +143,12 @@ class CifarModule(L.LightningModule):
     def on_train_start(self) -> None:
         opt = self.optimizers()
         precision = str(self.trainer.precision)
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
         self.stepper = TrainStep(
             self.forward_fn,
             opt.optimizer,
             capture=self.capture,
             clip_norm=self.gradient_clip_val,
-            autocast_dtype=dtype,
+            autocast_dtype=autocast_dtype(precision),
             backward=self.manual_backward,  # Lightning's: DDP's gradient sync, fp16 scaling, callback hooks
             optimizer_step=opt.step,  # counts trainer.global_step, runs on_before_optimizer_step hooks
             # Lightning's calls on every step only where they do more than hooks: DDP and fp16 scaling
@@ -280,7 +279,7 @@ class CifarModule(L.LightningModule):
             self._evaluator = EvalStep(
                 self.forward_fn,
                 capture=capture,
-                autocast_dtype={"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision),
+                autocast_dtype=autocast_dtype(precision),
             )
         return self._evaluator
 

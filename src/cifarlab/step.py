@@ -81,6 +81,11 @@ def optimizer_for_capture(factory: Callable[..., torch.optim.Optimizer], params)
     raise RuntimeError(f"{cls.__name__} could not be built in a capturable form")
 
 
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a Lightning precision setting: bf16/fp16 for the mixed ones, None otherwise."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+
+
 def forward(net: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
     """``net(x)`` under autocast to ``autocast_dtype`` (None: none, and ``x`` in the parameters' dtype, e.g.
     bf16-true). Autocast's weight-cast cache is off: it would outlive a capture and serve stale casts
