@@ -86,6 +86,17 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
 
 
+def on_side_stream(fn: Callable, *args):
+    """``fn(*args)`` on a fresh CUDA stream, ordered after and before the current one: the warm-up before a
+    capture, as PyTorch's CUDA-graph notes do it (lazy state and cuDNN autotuning off the capture's stream)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    return result
+
+
 def forward(net: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.Tensor:
     """``net(x)`` under autocast to ``autocast_dtype`` (None: none, and ``x`` in the parameters' dtype, e.g.
     bf16-true). Autocast's weight-cast cache is off: it would outlive a capture and serve stale casts
@@ -192,13 +203,8 @@ class TrainStep:
         self.batches += 1
         if not self.capture or hooks:
             return self.eager(source, plan, hooks)
-        if self.steps < WARMUP_STEPS:  # on a side stream, as PyTorch's CUDA-graph notes do it
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                result = self.eager(source, plan)
-            torch.cuda.current_stream().wait_stream(side)
-            return result
+        if self.steps < WARMUP_STEPS:
+            return on_side_stream(self.eager, source, plan)
         if self._graph is None:
             self._capture(source, plan)
             if self._graph is None:  # capture failed: eager from now on
@@ -289,14 +295,9 @@ class EvalStep:
             return self._accumulate(x, y)
         entry = self._graphs.get(key)
         if entry is None:
-            if key not in self._seen:  # warm-up: eager, on a side stream as PyTorch's CUDA-graph notes do it
+            if key not in self._seen:  # warm-up: eager
                 self._seen.add(key)
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._accumulate(x, y)
-                torch.cuda.current_stream().wait_stream(side)
-                return None
+                return on_side_stream(self._accumulate, x, y)
             entry = self._capture(key, x, y)
             if entry is None:
                 return self._accumulate(x, y)
