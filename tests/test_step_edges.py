@@ -19,6 +19,26 @@ from tests.conftest import compose_train
 from tests.test_step import TINY, assert_same_parameters, fit, plain_evaluation, plain_loop
 
 
+def test_epoch_lines_show_validation_only_for_epochs_that_validated(tmp_path, capsys):
+    """With check_val_every_n_epoch=2 the lines of epochs 1 and 3 showed val/loss and val/acc too: those of
+    the sanity check or of the previous validation (Lightning keeps them in callback_metrics)."""
+    overrides = [
+        *TINY,
+        "trainer.enable_progress_bar=false",
+        "trainer.check_val_every_n_epoch=2",
+        "trainer.max_epochs=4",
+        "callbacks.checkpoint=false",
+    ]
+    capsys.readouterr()
+    run(compose_train(overrides, tmp_path))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"], lines
+    for line in lines:
+        validated = line.split()[1] in ("2/4", "4/4")
+        assert ("val/acc " in line) == validated and ("val/loss " in line) == validated, line
+    assert "val/acc_best" not in lines[0] and "val/acc_best" in lines[2], lines  # the best so far, once known
+
+
 def test_a_run_resumed_from_a_checkpoint_written_at_validation_resumes_exactly(tmp_path):
     """With check_val_every_n_epoch=2 last.ckpt is written at the end of the epoch's validation, before
     on_train_epoch_end; Lightning resumes it by running only that epoch's end hooks. The run must not fail

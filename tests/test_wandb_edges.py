@@ -121,6 +121,16 @@ def test_sync_lists_half_written_and_damaged_runs_by_their_folder(tmp_path, no_c
     assert "not a W&B run file" in out
 
 
+def test_sync_of_a_path_that_does_not_exist_is_an_error_naming_it(tmp_path, capsys):
+    """A mistyped path said "no offline W&B runs to upload" and exited 0, as if all were uploaded."""
+    (tmp_path / "runs").mkdir()
+    missing = tmp_path / "runz"
+    assert sync_main([str(tmp_path / "runs"), str(missing), "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and "does not exist" in err[0], err
+    assert sync_main([str(tmp_path / "runs"), "--dry-run"]) == 0  # an existing, empty folder: nothing to do
+
+
 # ---- Ctrl-C ------------------------------------------------------------------------------------------------
 
 

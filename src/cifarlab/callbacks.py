@@ -14,12 +14,19 @@ class EpochLines(Callback):
     """One plain line per epoch, for logs and pipes where a live progress bar would be noise."""
 
     def __init__(self) -> None:
-        self._pending: tuple[int, float] | None = None  # (epoch, seconds) waiting for its epoch metrics
+        # (epoch, seconds, validated) waiting for its epoch metrics
+        self._pending: tuple[int, float, bool] | None = None
         self._start: float | None = None  # when this process started the current epoch's training
+        self._validated = False  # whether this epoch ran a validation (check_val_every_n_epoch > 1: not all)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_pending(trainer)
         self._start = time.perf_counter()
+        self._validated = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._validated = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning fills in the epoch's metrics only after this hook, so the line is printed at the next
@@ -28,7 +35,7 @@ class EpochLines(Callback):
             self._start is None
         ):  # a resumed run at the end of an epoch the checkpoint's run trained (and printed)
             return
-        self._pending = (trainer.current_epoch, time.perf_counter() - self._start)
+        self._pending = (trainer.current_epoch, time.perf_counter() - self._start, self._validated)
         self._start = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -37,11 +44,16 @@ class EpochLines(Callback):
     def _print_pending(self, trainer: L.Trainer) -> None:
         if self._pending is None or not trainer.is_global_zero:
             return
-        epoch, seconds = self._pending
+        epoch, seconds, validated = self._pending
         self._pending = None
         metrics = trainer.callback_metrics
         parts = [f"epoch {epoch + 1}/{trainer.max_epochs}"]
-        for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best"):
+        # An epoch without validation shows no val/loss, val/acc (callback_metrics still holds the last
+        # validation's); val/acc_best is the best so far, true at any epoch.
+        keys = (
+            ("train/loss", "train/acc") + (("val/loss", "val/acc") if validated else ()) + ("val/acc_best",)
+        )
+        for key in keys:
             if key in metrics:
                 parts.append(f"{key} {float(metrics[key]):.4f}")
         if trainer.optimizers:

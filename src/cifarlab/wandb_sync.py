@@ -198,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--project", help="upload into this project instead of each run's own")
     parser.add_argument("-e", "--entity", help="upload into this entity (user or team)")
     args = parser.parse_args(argv)
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:  # a typo in a path is the user's mistake, not "nothing to upload"
+        print(
+            f"error: wandb-sync path {missing[0]!r} does not exist; allowed: existing run folders or folders to "
+            f"search (default: {' '.join(DEFAULT_ROOTS)})",
+            file=sys.stderr,
+        )
+        return 1
 
     runs = find_offline_runs(args.paths or None)
     if not args.include_synced:
