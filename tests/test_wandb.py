@@ -369,7 +369,9 @@ def test_sweep_summary_run_and_sync(tmp_path, no_credentials, capsys):
     )
     assert sync_main([str(sweep_dir)]) == 1
     assert "not logged in" in capsys.readouterr().err
-    assert sync_main([str(tmp_path / "nothing-here")]) == 0
+    (tmp_path / "nothing-here").mkdir()
+    assert sync_main([str(tmp_path / "nothing-here")]) == 0  # no runs: nothing to do (a missing path: exit 1)
+    assert "no offline W&B runs" in capsys.readouterr().out
 
 
 @pytest.mark.slow
