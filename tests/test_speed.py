@@ -316,7 +316,7 @@ def test_make_bench_writes_the_side_by_side_results(tmp_path):
             "--images",
             "512",
             "--repeats",
-            "1",
+            "2",
             "--warmup-steps",
             "1",
             "--no-startup",
@@ -339,6 +339,10 @@ def test_make_bench_writes_the_side_by_side_results(tmp_path):
         r = results["runs"][kind]
         assert r["img_per_s"] > 0 and r["epoch_s"] > 0 and r["batch_size"] == batch
         assert r["repeats"][0]["images"] == 512
+        # without a GPU each repetition runs in new worker processes (a process's own speed would bias it)
+        pids = [rep["worker_pid"] for rep in r["repeats"]]
+        assert len(set(pids)) == 2 and os.getpid() not in pids, pids
+    assert results["settings"]["fresh_workers"] is True
     assert results["runs"]["reference"]["precision"] == "32-true"
     assert results["runs"]["train"]["precision"] == results["runs"]["plain"]["precision"]
     assert results["ratios"]["train_over_reference"] > 0 and results["ratios"]["train_over_plain"] > 0

@@ -24,7 +24,9 @@ optimizer steps, and in (c) everything Lightning does per step. Not timed: impor
 and trainer construction, validation (off in the timed runs), process start-up; those are measured apart
 (``startup``: ``python train.py --help`` and a two-step ``python train.py`` run, wall clock). Every worker
 first runs a short untimed warm-up epoch. Repetitions are interleaved (a b c, b c a, c a b, ...) and medians
-reported, so that machine noise and order effects hit all variants alike.
+reported, so that machine noise and order effects hit all variants alike. Without a GPU every repetition after
+the first runs in new worker processes (``--fresh-workers``): a process keeps a speed of its own, up to ~2% off
+another's running the same code, which would otherwise bias every pair of a run the same way.
 
 Results: a table on stdout and JSON in ``bench/results/<host>-<date>.json`` (or ``--out``).
 """
@@ -44,6 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -541,6 +544,9 @@ def worker_main() -> int:
             if isinstance(err, KeyboardInterrupt):
                 raise
             result = {"error": traceback.format_exc()}
+        result["worker_pid"] = (
+            os.getpid()
+        )  # which process ran it (--fresh-workers: a new one each repetition)
         proto.write(MARK + json.dumps(result) + "\n")
     return 0
 
@@ -634,8 +640,21 @@ def _paired(runs: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
     return round(statistics.median(x["img_per_s"] / y["img_per_s"] for x, y in pairs), 3)
 
 
-def side_by_side(args, workers: dict[str, Worker], overrides: list[str], tmp: Path, log) -> dict[str, Any]:
-    """(a), (b), (c): warm up each worker, then interleave the timed epochs."""
+def side_by_side(
+    args,
+    workers: dict[str, Worker],
+    overrides: list[str],
+    tmp: Path,
+    log,
+    spawn: Callable[[str], Worker] | None = None,
+) -> dict[str, Any]:
+    """(a), (b), (c): warm up each worker, then interleave the timed epochs.
+
+    With ``args.fresh_workers`` (and ``spawn``, which starts a worker by name), every repetition after the first
+    runs in new worker processes: one process keeps its speed, give or take 2%, against another process
+    running the same code (two (b) workers alternated on the 2-core EPYC: paired 1.020, 0.990, 0.994, 1.003 in
+    four pairs of processes, every repetition of a pair on the same side of 1), a bias as large as the
+    differences the bench is meant to show. New processes per repetition make it part of the spread instead."""
     kinds = list(workers)
     base = {
         "overrides": overrides,
@@ -648,11 +667,23 @@ def side_by_side(args, workers: dict[str, Worker], overrides: list[str], tmp: Pa
     if not kinds:
         log("  every variant skipped")
         return {}
-    try:
+    fresh = bool(getattr(args, "fresh_workers", False)) and spawn is not None
+
+    def warm_up(rep: int) -> None:
         for k in kinds:
-            log(f"  warm-up {k} ...")
-            workers[k].run({**base, "kind": k, "limit_steps": 4, "output_dir": str(tmp / f"{k}-warmup")})
+            if rep == 0:
+                log(f"  warm-up {k} ...")
+            out = str(tmp / f"{k}-warmup{rep}")
+            workers[k].run({**base, "kind": k, "limit_steps": 4, "output_dir": out})
+
+    try:
+        warm_up(0)
         for rep in range(args.repeats):
+            if fresh and rep > 0:
+                for w in workers.values():
+                    w.close()
+                workers.update({k: spawn(f"{k}-{rep}") for k in kinds})  # they import side by side
+                warm_up(rep)
             # a b c, b c a, c a b, ...: every variant also runs first, second and last (after the long (a))
             for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:
                 result = workers[k].run({**base, "kind": k, "output_dir": str(tmp / f"{k}-{rep}")})
@@ -839,7 +870,8 @@ def table(results: dict[str, Any]) -> str:
     gpu = ", ".join(m["gpus"]) if m["gpus"] else "no GPU"
     lines = [
         f"cifarlab bench: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {gpu}; "
-        f"{results['settings']['images']:,} images per epoch, median of {results['settings']['repeats']}",
+        f"{results['settings']['images']:,} images per epoch, median of {results['settings']['repeats']}"
+        + (" (each in new processes)" if results["settings"].get("fresh_workers") else ""),
         "",
         f"{'':52s} {'batch':>5s}  {'precision':10s} {'layout':6s} {'img/s':>10s} {'epoch s':>8s}",
     ]
@@ -966,6 +998,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ref-workers", type=int, default=0, help="DataLoader workers of the course loop (a)")
     p.add_argument("--warmup-steps", type=int, default=5, help="steps excluded from steady_img_per_s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fresh-workers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="new worker processes for every repetition (default: on without a GPU; a process's own "
+        "speed differs from another's by up to ~2%%)",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=KINDS, help="variants to leave out")
     p.add_argument(
         "--trials",
@@ -1064,7 +1103,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{'GPU ' + ', '.join(m['gpus']) if cuda else 'no GPU'}; {data} data, {args.images:,} images per epoch"
         )
         log("side by side (a) course loop, (b) plain loop on cifarlab's pipeline, (c) train.py:")
-        runs = side_by_side(args, workers, overrides, tmp, log)
+        if args.fresh_workers is None:  # the per-process bias matters where the differences are ~1% (a CPU)
+            args.fresh_workers = not cuda
+        results["settings"]["fresh_workers"] = args.fresh_workers
+        runs = side_by_side(args, workers, overrides, tmp, log, spawn=lambda name: Worker(name, tmp))
         results["runs"] = runs
         img = {k: v["img_per_s"] for k, v in runs.items()}
         results["ratios"] = {
