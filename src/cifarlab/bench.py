@@ -669,12 +669,17 @@ def side_by_side(
         return {}
     fresh = bool(getattr(args, "fresh_workers", False)) and spawn is not None
 
+    # A few steps warm a worker up, except under --compile: there the epoch's short last batch compiles
+    # again (8 s of a 12 s timed epoch on the 2-core EPYC), so the warm-up is a whole epoch.
+    warmup_steps = None if getattr(args, "compile", False) else 4
+
     def warm_up(rep: int) -> None:
         for k in kinds:
             if rep == 0:
                 log(f"  warm-up {k} ...")
             out = str(tmp / f"{k}-warmup{rep}")
-            workers[k].run({**base, "kind": k, "limit_steps": 4, "output_dir": out})
+            limit = 4 if k == "reference" else warmup_steps  # (a) never compiles
+            workers[k].run({**base, "kind": k, "limit_steps": limit, "output_dir": out})
 
     try:
         warm_up(0)
