@@ -231,18 +231,28 @@ def _quantiles(values: list[float]) -> list[float]:
     return [v[0], v[len(v) // 10], v[len(v) // 2], v[(len(v) * 9) // 10], v[-1]]
 
 
+def _minor_faults() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class _Clock:
     """Epoch timing shared by the three loops: start, warm-up boundary, end; images counted per step."""
 
     def __init__(self, device, warmup_steps: int) -> None:
         self.device, self.warmup_steps = device, warmup_steps
         self.images = self.images_at_warm = self.steps = 0
+        self.faults0: int | None = None
         self.t0 = self.t_warm = self.t_end = self.t_last = 0.0
         self.wall0 = 0.0
         self.step_s: list[float] = []  # time between consecutive step ends (the first from the epoch start)
 
     def start(self) -> None:
         sync(self.device)
+        self.faults0 = _minor_faults()
         self.wall0 = time.time()
         self.t0 = self.t_warm = self.t_last = time.perf_counter()
 
@@ -264,7 +274,12 @@ class _Clock:
         epoch_s = self.t_end - self.t0
         steady = self.images - self.images_at_warm
         steady_s = self.t_end - self.t_warm
+        faults = _minor_faults()
         return {
+            # pages the epoch touched for the first time (fresh memory from the kernel): ~0 once memory is reused
+            "minor_page_faults": faults - self.faults0
+            if faults is not None and self.faults0 is not None
+            else None,
             "images": self.images,
             "steps": self.steps,
             "epoch_s": round(epoch_s, 4),
@@ -370,12 +385,14 @@ def _plain_setup(job: dict[str, Any], capturable: bool = False) -> SimpleNamespa
     from cifarlab.model import CifarCNN, parameter_groups
     from cifarlab.module import build_optimizer
     from cifarlab.step import autocast_dtype, optimizer_for_capture
-    from cifarlab.train import resolve_precision
+    from cifarlab.train import resolve_precision, reuse_freed_memory
 
     cfg = compose(job["overrides"])
     x, y, mean, std = _datamodule(cfg)
     n = min(job["images"], len(y))
     device = device_for(cfg.trainer.accelerator)
+    if device.type == "cpu":  # as train.py does on a CPU: its page faults are no part of Lightning's cost
+        reuse_freed_memory()
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     channels_last = bool(cfg.trainer.channels_last)
     batches = DeviceBatches(
