@@ -115,6 +115,29 @@ def test_a_conditional_parameter_fixed_on_the_command_line_is_not_searched(tmp_p
         assert _config(t)["optimizer"]["momentum"] == 0.9
 
 
+# ---- a direction that contradicts the objective: refused before any trial ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,objective,wanted",
+    [
+        (("hydra.sweeper.direction=minimize",), "val/acc_best", "maximize"),
+        (("optimized_metric=val/loss", "hydra.sweeper.direction=maximize"), "val/loss", "minimize"),
+    ],
+)
+def test_a_direction_that_contradicts_the_objective_is_one_line_and_no_trial(
+    tmp_path, args, objective, wanted
+):
+    """direction=minimize with optimized_metric=val/acc_best searched for the worst network without a word."""
+    sweep = tmp_path / "sweep"
+    result = _sweep(tmp_path, sweep, *TINY, *args)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert objective in lines[0] and f"allowed: {wanted}" in lines[0] and "Traceback" not in result.stderr
+    assert not (sweep / "journal.log").exists()  # no study, no trial
+
+
 # ---- the objective is missing: the trial fails with one line that names it ------------------------------------
 
 

@@ -116,6 +116,21 @@ def directions_of(direction: Any) -> list[str]:
     return out
 
 
+def _check_directions(objectives: Sequence[str], directions: Sequence[str]) -> None:
+    """An accuracy minimised or a loss maximised is a slip (``direction=minimize`` left from a loss sweep
+    while ``optimized_metric`` is ``val/acc_best``): the study would search for the worst network, for hours,
+    and say nothing. Metrics of other names are not judged."""
+    for objective, direction in zip(objectives, directions, strict=True):
+        name = str(objective).rsplit("/", 1)[-1].lower()
+        wanted = "maximize" if name.startswith("acc") else "minimize" if name.startswith("loss") else None
+        if wanted and direction != wanted:
+            key = "direction" if len(directions) == 1 else "direction (one per objective)"
+            raise SweepError(
+                f"hydra.sweeper.{key}={direction} is not allowed for the objective {objective}; allowed: "
+                f"{wanted} (an {'accuracy' if wanted == 'maximize' else 'loss'} is {wanted[:-1]}ed)"
+            )
+
+
 def trial_hydra_overrides(hydra_overrides: Sequence[str]) -> list[str]:
     out = []
     for o in hydra_overrides:
@@ -166,6 +181,7 @@ def settings_from_hydra(
             f"hydra.sweeper.objectives {objectives} and direction {directions} must have the same "
             "length (one direction per objective)"
         )
+    _check_directions(objectives, directions)
     monitor = conf.get("monitor")
     if len(directions) > 1 or monitor in (False, "none", "null", ""):
         monitor = None  # Optuna prunes single-objective studies only
