@@ -18,7 +18,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         build_module,
         build_trainer,
         quiet_lightning,
-        reuse_freed_memory,
         start_line,
         write_json,
     )
@@ -47,8 +46,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module.load_state_dict(checkpoint["state_dict"])
     quiet_lightning()
     trainer = build_trainer(run_cfg, output_dir)
-    if trainer.strategy.root_device.type == "cpu":
-        reuse_freed_memory()
     logging.getLogger("cifarlab").info(start_line(trainer))
     trainer.test(module, datamodule=datamodule, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
