@@ -60,6 +60,15 @@ def compose_train(
         return compose(config_name=config_name, overrides=overrides + extra)
 
 
+def sweep_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a ``train.py -m`` sweep run as a subprocess by a test: data under ``tmp_path``, no W&B,
+    no GPU (trials must not grab one the machine may have), unbuffered output; ``extra`` on top."""
+    env = dict(os.environ)
+    env.update(CIFARLAB_DATA_DIR=str(tmp_path / "data"), WANDB_MODE="disabled", PYTHONUNBUFFERED="1", **extra)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
 def run_script(
     args: list[str],
     cwd: Path = ROOT,

@@ -24,6 +24,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import sweep_env
 from optuna.trial import TrialState
 
 from cifarlab.sweeper.study import FAIL_REASON, JOB_DIR, OWNER, RETRY_OF, counts_toward_budget, make_storage
@@ -88,15 +89,7 @@ hydra:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        CIFARLAB_DATA_DIR=str(tmp_path / "data"),
-        WANDB_MODE="disabled",
-        PYTHONUNBUFFERED="1",
-        HYDRA_FULL_ERROR="1",
-    )
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
+    return sweep_env(tmp_path, HYDRA_FULL_ERROR="1")
 
 
 def _conf(tmp_path: Path, name: str, text: str) -> Path:

@@ -13,7 +13,6 @@ on a real journal file, real trials (tiny training runs, or the sleeping stand-i
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import sweep_env
 from optuna.trial import TrialState
 
 from cifarlab.sweeper.study import make_storage
@@ -60,20 +60,15 @@ hydra:
 """
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(CIFARLAB_DATA_DIR=str(tmp_path / "data"), WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
 def _sweep(
     tmp_path: Path, sweep_dir: Path, *args: str, conf: Path | None = None
 ) -> subprocess.CompletedProcess:
     cmd = [PY, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}", *args]
     if conf is not None:
         cmd.insert(3, f"--config-dir={conf}")
-    return subprocess.run(cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        cmd, cwd=tmp_path, env=sweep_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

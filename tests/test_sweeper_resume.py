@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import sweep_env
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
@@ -90,13 +91,6 @@ hydra:
 """
 
 
-def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(CIFARLAB_DATA_DIR=str(tmp_path / "data"), WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
 def _cmd(tmp_path: Path, text: str, sweep_dir: Path, *overrides: str) -> list[str]:
     conf = tmp_path / "conf" / "hparams_search"
     conf.mkdir(parents=True, exist_ok=True)
@@ -114,7 +108,7 @@ def _cmd(tmp_path: Path, text: str, sweep_dir: Path, *overrides: str) -> list[st
 
 def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300
+        cmd, cwd=tmp_path, env=sweep_env(tmp_path), capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -140,7 +134,7 @@ def test_trials_of_a_killed_sweep_are_run_again_to_exactly_n_trials(tmp_path):
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
-        env=_env(tmp_path),
+        env=sweep_env(tmp_path),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
