@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,3 +87,11 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def run_eval(ckpt_path: str | Path, out_dir: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """``python eval.py ckpt_path=... hydra.run.dir=out_dir`` as a user runs it: what it printed and the
+    metrics.json it wrote (it must succeed)."""
+    result = run_script([f"ckpt_path={ckpt_path}", f"hydra.run.dir={out_dir}"], script="eval.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads((Path(out_dir) / "metrics.json").read_text())

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cifarlab.train import run
-from tests.conftest import TINY, compose_train, run_script
+from tests.conftest import TINY, compose_train, run_eval, run_script
 
 
 @pytest.mark.slow
@@ -19,11 +19,7 @@ def test_eval_of_a_full_precision_run_gives_the_runs_test_metrics(tmp_path):
     overrides = [*TINY, "data.test_size=300", "data.eval_batch_size=128", "trainer.precision=32"]
     metrics = run(compose_train(overrides, tmp_path / "run"))
     assert metrics["precision"] == "32-true" and metrics["best_ckpt"]
-    result = run_script(
-        [f"ckpt_path={metrics['best_ckpt']}", f"hydra.run.dir={tmp_path / 'eval'}"], script="eval.py"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    result, evaluated = run_eval(metrics["best_ckpt"], tmp_path / "eval")
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-5)
     assert f"test/loss {metrics['test/loss']:.4f}  test/acc {metrics['test/acc']:.4f}" in result.stdout

@@ -12,7 +12,7 @@ import yaml
 
 from cifarlab.model import ACTIVATIONS, INITS
 from cifarlab.train import run
-from tests.conftest import CONF, TINY, compose_train, run_script
+from tests.conftest import CONF, TINY, compose_train, run_eval, run_script
 
 OPTIMIZERS = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
 SCHEDULERS = sorted(p.stem for p in (CONF / "scheduler").glob("*.yaml"))
@@ -138,11 +138,7 @@ def test_train_then_eval_reproduces_the_test_metric(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["name"] == "synthetic" and saved["optimizer"]["_target_"] == "torch.optim.Adam"
-    result = run_script(
-        [f"ckpt_path={metrics['best_ckpt']}", f"hydra.run.dir={tmp_path / 'eval'}"], script="eval.py"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    _, evaluated = run_eval(metrics["best_ckpt"], tmp_path / "eval")
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
 
@@ -209,10 +205,7 @@ def test_a_run_prints_its_device_once_and_no_lightning_noise(tmp_path):
     assert len(device_lines) == 1 and device_lines[0].startswith("device: cpu, 1 process, "), device_lines
     assert "Checkpoint directory" in result.stderr and "exists and is not empty" in result.stderr
     assert "GPU available: False" in (tmp_path / "train.log").read_text()
-    evaluated = run_script(
-        [f"ckpt_path={tmp_path}/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/eval"], script="eval.py"
-    )
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    evaluated, _ = run_eval(tmp_path / "checkpoints" / "last.ckpt", tmp_path / "eval")
     assert evaluated.stdout.splitlines()[0].startswith("device: cpu, 1 process, ")
     for noise in ("GPU available", "TPU available", "litlogger", "Automatic Mixed Precision", "INFO"):
         assert noise not in evaluated.stdout + evaluated.stderr, noise
