@@ -304,35 +304,26 @@ def test_bench_table_and_target_checks(cuda):
         assert met == {"cpu_train_over_reference": True, "cpu_train_over_plain": True}
 
 
-@pytest.mark.slow
-def test_make_bench_writes_the_side_by_side_results(tmp_path):
+def _make_bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``python -m cifarlab.bench ARGS`` (no start-up or sweeper figures) in a subprocess: what it printed and
+    the results it wrote to ``tmp_path/bench.json``."""
     out = tmp_path / "bench.json"
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cifarlab.bench",
-            "--images",
-            "512",
-            "--repeats",
-            "2",
-            "--warmup-steps",
-            "1",
-            "--no-startup",
-            "--no-sweeper",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "-m", "cifarlab.bench", *args, "--no-startup", "--no-sweeper", "--out", str(out)],
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_make_bench_writes_the_side_by_side_results(tmp_path):
+    proc, results = _make_bench(tmp_path, "--images", "512", "--repeats", "2", "--warmup-steps", "1")
     assert "(c)/(a)" in proc.stdout and "(c)/(b)" in proc.stdout
-    results = json.loads(out.read_text())
     assert {"cpu", "cores", "torch", "gpus", "cuda"} <= set(results["machine"])
     assert results["settings"]["images"] == 512 and results["settings"]["data"] == "synthetic"
     for kind, batch in (("reference", 64), ("plain", 128), ("train", 128)):
@@ -348,7 +339,7 @@ def test_make_bench_writes_the_side_by_side_results(tmp_path):
     assert results["ratios"]["train_over_reference"] > 0 and results["ratios"]["train_over_plain"] > 0
     assert "skipped" in results["gpu_trials"] or "by_trials" in results["gpu_trials"]
     assert "met" in results["checks"]
-    assert not (Path(ROOT) / "bench" / "results" / out.name).exists()
+    assert not (Path(ROOT) / "bench" / "results" / "bench.json").exists()
 
 
 def test_bench_with_every_variant_skipped_reports_nothing_rather_than_crashing(tmp_path):
@@ -360,38 +351,17 @@ def test_bench_with_every_variant_skipped_reports_nothing_rather_than_crashing(t
     assert "cifarlab bench" in bench.table(results) and bench.check_targets(results)["met"] == {}
 
 
-def _bench_train_epoch(tmp_path: Path, env: dict[str, str]) -> dict:
-    """One timed (c) epoch of the course's setting (batch 64, fp32, no augmentation) in a bench worker."""
-    out = tmp_path / "bench.json"
-    args = ["--skip", "reference", "plain", "--images", "1024", "--batch-size", "64", "--precision", "32"]
-    args += [
-        "--set",
-        "data.augment=false",
-        "--repeats",
-        "1",
-        "--no-startup",
-        "--no-sweeper",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cifarlab.bench", *args],
-        cwd=tmp_path,
-        env={**os.environ, "TMPDIR": str(tmp_path), **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(out.read_text())["runs"]["train"]["repeats"][0]
-
-
 @pytest.mark.slow
 def test_a_cpu_training_epoch_reuses_its_memory_instead_of_faulting_it_in(tmp_path):
     """train.py on a CPU fixes glibc's malloc thresholds (train.reuse_freed_memory): without, its epochs got
     every step's activations and gradients from fresh pages (with CIFARLAB_MALLOPT=0: ~460 minor page faults a
     step on synthetic data, ~8,500 on CIFAR-10, against 16 for the whole epoch with it, on the AMD EPYC)."""
-    epoch = _bench_train_epoch(tmp_path, {})
+    _, results = _make_bench(
+        tmp_path,
+        *("--skip", "reference", "plain", "--images", "1024", "--repeats", "1"),
+        *("--batch-size", "64", "--precision", "32", "--set", "data.augment=false"),  # the course's setting
+    )
+    epoch = results["runs"]["train"]["repeats"][0]
     steps = epoch["images"] // 64
     assert epoch["minor_page_faults"] is not None and epoch["minor_page_faults"] < 25 * steps, epoch
 
