@@ -46,7 +46,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -561,9 +560,8 @@ def worker_main() -> int:
             if isinstance(err, KeyboardInterrupt):
                 raise
             result = {"error": traceback.format_exc()}
-        result["worker_pid"] = (
-            os.getpid()
-        )  # which process ran it (--fresh-workers: a new one each repetition)
+        # which process ran it (--fresh-workers: a new one each repetition)
+        result["worker_pid"] = os.getpid()
         proto.write(MARK + json.dumps(result) + "\n")
     return 0
 
@@ -657,21 +655,13 @@ def _paired(runs: dict[str, dict[str, Any]], a: str, b: str) -> float | None:
     return round(statistics.median(x["img_per_s"] / y["img_per_s"] for x, y in pairs), 3)
 
 
-def side_by_side(
-    args,
-    workers: dict[str, Worker],
-    overrides: list[str],
-    tmp: Path,
-    log,
-    spawn: Callable[[str], Worker] | None = None,
-) -> dict[str, Any]:
+def side_by_side(args, workers: dict[str, Worker], overrides: list[str], tmp: Path, log) -> dict[str, Any]:
     """(a), (b), (c): warm up each worker, then interleave the timed epochs.
 
-    With ``args.fresh_workers`` (and ``spawn``, which starts a worker by name), every repetition after the first
-    runs in new worker processes: one process keeps its speed, give or take 2%, against another process
-    running the same code (two (b) workers alternated on the 2-core EPYC: paired 1.020, 0.990, 0.994, 1.003 in
-    four pairs of processes, every repetition of a pair on the same side of 1), a bias as large as the
-    differences the bench is meant to show. New processes per repetition make it part of the spread instead."""
+    With ``args.fresh_workers`` every repetition after the first runs in new worker processes: two (b) workers
+    alternated on the 2-core EPYC differed steadily (paired 1.020, 0.990, 0.994, 1.003 in four pairs of
+    processes, much of it glibc's malloc, see docs/speed.md), a bias as large as the differences the bench is
+    meant to show. New processes per repetition make whatever is left of it part of the spread."""
     kinds = list(workers)
     base = {
         "overrides": overrides,
@@ -684,11 +674,9 @@ def side_by_side(
     if not kinds:
         log("  every variant skipped")
         return {}
-    fresh = bool(getattr(args, "fresh_workers", False)) and spawn is not None
-
     # A few steps warm a worker up, except under --compile: there the epoch's short last batch compiles
     # again (8 s of a 12 s timed epoch on the 2-core EPYC), so the warm-up is a whole epoch.
-    warmup_steps = None if getattr(args, "compile", False) else 4
+    warmup_steps = None if args.compile else 4
 
     def warm_up(rep: int) -> None:
         for k in kinds:
@@ -701,10 +689,10 @@ def side_by_side(
     try:
         warm_up(0)
         for rep in range(args.repeats):
-            if fresh and rep > 0:
+            if args.fresh_workers and rep > 0:
                 for w in workers.values():
                     w.close()
-                workers.update({k: spawn(f"{k}-{rep}") for k in kinds})  # they import side by side
+                workers.update({k: Worker(f"{k}-{rep}", tmp) for k in kinds})  # they import side by side
                 warm_up(rep)
             # a b c, b c a, c a b, ...: every variant also runs first, second and last (after the long (a))
             for k in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:
@@ -1128,7 +1116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fresh_workers is None:  # the per-process bias matters where the differences are ~1% (a CPU)
             args.fresh_workers = not cuda
         results["settings"]["fresh_workers"] = args.fresh_workers
-        runs = side_by_side(args, workers, overrides, tmp, log, spawn=lambda name: Worker(name, tmp))
+        runs = side_by_side(args, workers, overrides, tmp, log)
         results["runs"] = runs
         img = {k: v["img_per_s"] for k, v in runs.items()}
         results["ratios"] = {
