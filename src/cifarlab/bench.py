@@ -455,10 +455,10 @@ def run_plain(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_captured(job: dict[str, Any]) -> dict[str, Any]:
     """(b') (b) with the whole step captured in a CUDA graph (cifarlab.step.TrainStep), no Lightning."""
-    from cifarlab.step import TrainStep
+    from cifarlab.step import GRAPH_DEVICES, TrainStep
 
     b = _plain_setup(job, capturable=True)
-    step = TrainStep(b.net, b.optimizer, capture=b.device.type == "cuda", autocast_dtype=b.dtype)
+    step = TrainStep(b.net, b.optimizer, capture=b.device.type in GRAPH_DEVICES, autocast_dtype=b.dtype)
     b.net.train()
     clock = _Clock(b.device, job["warmup_steps"])
     limit = job.get("limit_steps")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchmetrics import MaxMetric
 
+import cifarlab.step
 from cifarlab.config import ConfigError
 from cifarlab.data import Chunk
 from cifarlab.model import parameter_groups
@@ -275,7 +276,8 @@ class CifarModule(L.LightningModule):
             trainer = self.trainer
             precision = str(trainer.precision)
             setting = str(self.capture_setting).lower()
-            capture = trainer.strategy.root_device.type == "cuda" and not self.compile and setting != "false"
+            on_gpu = trainer.strategy.root_device.type in cifarlab.step.GRAPH_DEVICES
+            capture = on_gpu and not self.compile and setting != "false"
             self._evaluator = EvalStep(
                 self.forward_fn,
                 capture=capture,

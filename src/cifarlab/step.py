@@ -38,6 +38,8 @@ from torch import nn
 # ``capturable`` (step counters on the device), and SGD, which keeps no step counter.
 CAPTURABLE_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")
 WARMUP_STEPS = 3  # eager steps before the capture: cuDNN autotuning, lazy state (PyTorch's CUDA-graph notes)
+# Device types with CUDA graphs (the tests add "cpu" with tests/graph_emulation.py).
+GRAPH_DEVICES = ("cuda",)
 
 
 def capture_blocker(
@@ -49,7 +51,7 @@ def capture_blocker(
     scheduler: object | None = None,
 ) -> str | None:
     """Why the training step cannot be captured as a CUDA graph here, or None if it can."""
-    if device.type != "cuda":
+    if device.type not in GRAPH_DEVICES:
         return f"the device is {device.type}, not a CUDA GPU"
     name = optimizer_cls.__name__
     if optimizer_cls.__module__.split(".")[0] != "torch" or name not in CAPTURABLE_OPTIMIZERS:
@@ -356,7 +358,10 @@ class _DeviceLearningRates:
         self.groups = optimizer.param_groups
         device = self.groups[0]["params"][0].device
         self.values = [float(g["lr"]) for g in self.groups]
-        self.tensors = [torch.tensor(v, dtype=torch.float32, device=device) for v in self.values]
+        # In the dtype the fused kernels read: float32 on CUDA (their lr pointer is a float*), float64 on a CPU
+        # (the fused CPU kernels compute with a double lr: a float32 one moved Adam's results by an ulp a step).
+        dtype = torch.float32 if device.type == "cuda" else torch.float64
+        self.tensors = [torch.tensor(v, dtype=dtype, device=device) for v in self.values]
         self.baked = [self._numbers(g) for g in self.groups]
 
     @staticmethod

@@ -1,0 +1,302 @@
+"""The captured training and evaluation steps (CUDA graphs) run on this CPU through tests/graph_emulation.py:
+recorded once, replayed with every host-side value baked in, as on a GPU. A captured run computes what the
+plain one-step-at-a-time loop computes: same parameters after many steps, for every optimizer that has a
+capturable form on a CPU (Adam, AdamW, SGD with and without momentum), with schedulers, dropout, clipping,
+bf16, a resume, a hyperparameter changed mid-run and callbacks' per-step hooks. Real Lightning Trainers."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from cifarlab.data import DeviceBatches
+from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep, optimizer_for_capture
+from cifarlab.train import build_datamodule, build_module, build_trainer, run
+from tests import graph_emulation
+from tests.conftest import compose_train
+from tests.test_step import TINY, assert_same_parameters, fit, plain_evaluation, plain_loop
+
+# torch's capturable RMSprop, NAdam and RAdam refuse CPU tensors: those run captured only on a GPU.
+CAPTURABLE_HERE = ["adam", "adamw", "sgd", "momentum", "nesterov"]
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """CUDA graphs on this CPU (tests/graph_emulation.py); ``graphs.undo()`` turns them off again."""
+    graph_emulation.install(monkeypatch)
+    return monkeypatch
+
+
+# ---- the emulation itself: what makes the tests below able to fail ---------------------------------------------
+
+
+def test_the_emulation_records_without_running_and_bakes_host_values(graphs):
+    """As on a GPU: the capture changes nothing, a replay reads tensors' current values and the Python floats
+    of the capture, writes into the capture's own output tensors, and a host sync fails the capture."""
+    x, scale = torch.ones(3), 2.0
+    total = torch.zeros(3)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = x * scale + torch.rand(3)  # a fresh tensor: the graph's output
+        total.add_(y)  # in place on a tensor from before the capture
+    assert total.tolist() == [0.0, 0.0, 0.0]  # recorded, not run
+    torch.manual_seed(0)
+    g.replay()
+    torch.manual_seed(0)
+    expected = 2.0 + torch.rand(3)
+    assert torch.equal(y, expected) and torch.equal(total, expected)
+    x.fill_(10.0)
+    scale = 100.0  # noqa: F841 - baked in: the replay still multiplies by 2
+    g.replay()
+    assert (y >= 20).all() and (y < 21).all() and torch.allclose(total, expected + y)
+    with (
+        pytest.raises(graph_emulation.CaptureError, match="capturing"),
+        torch.cuda.graph(torch.cuda.CUDAGraph()),
+    ):
+        if total.sum() > 0:  # the host needs the value: a GPU capture refuses it
+            pass
+
+
+# ---- TrainStep and EvalStep on their own ----------------------------------------------------------------------
+
+
+def _tiny_net(sync_in_forward: bool = False) -> torch.nn.Module:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(
+                torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3)
+            )
+            self.head = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            h = self.body(x)
+            if sync_in_forward and float(h.mean()) < 0:  # a host read: cannot be part of a graph
+                h = -h
+            return self.head(h)
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def _batches(n: int = 200, batch: int = 32) -> DeviceBatches:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return DeviceBatches(images, labels, batch, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True, augment=True)
+
+
+def _train(step: TrainStep, batches: DeviceBatches, epochs: int, schedule=None) -> list[float]:
+    losses = []
+    for epoch in range(epochs):
+        batches.epoch = lambda e=epoch: e
+        for plan in batches.batch_plans():
+            loss, _ = step(batches, plan)
+            losses.append(float(loss))
+            if schedule is not None:
+                schedule.step()
+    return losses
+
+
+def test_a_captured_train_step_replays_what_the_eager_one_computes(graphs):
+    """Adam with a per-step cosine schedule (the lr read from a device tensor), clipping, dropout and
+    augmentation: 3 warm-up steps, one capture, replays, and the short last batch of each epoch eager."""
+    runs = {}
+    for capture in (False, True):
+        net = _tiny_net()
+        opt = optimizer_for_capture(partial(torch.optim.Adam, lr=0.01), net.parameters())
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+        step = TrainStep(net, opt, capture=capture, clip_norm=0.5)
+        torch.manual_seed(5)
+        losses = _train(step, _batches(), epochs=3, schedule=schedule)
+        runs[capture] = (net, losses, step)
+    net, losses, step = runs[True]
+    assert step.mode == "captured" and step.replays == 3 * 7 - WARMUP_STEPS - 3  # 200 images: 6 x 32 + 8
+    assert losses == runs[False][1]
+    assert_identical_parameters(net, runs[False][0])
+    mean_loss, acc, images = step.epoch_metrics()
+    assert images == 600 and mean_loss == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
+def test_a_step_that_reads_a_value_on_the_host_falls_back_to_eager_and_says_why(graphs):
+    """A forward with ``float(tensor)`` in it cannot be captured: the step says why and trains eagerly, exactly
+    as a run with capture off."""
+    nets = {}
+    for capture in (False, True):
+        net = _tiny_net(sync_in_forward=True)
+        opt = optimizer_for_capture(partial(torch.optim.SGD, lr=0.05), net.parameters())
+        step = TrainStep(net, opt, capture=capture)
+        torch.manual_seed(5)
+        _train(step, _batches(), epochs=2)
+        nets[capture] = net
+    assert step.replays == 0 and step.mode.startswith("eager (capture failed (CaptureError")
+    assert_identical_parameters(nets[True], nets[False])
+
+
+def test_captured_evaluation_gives_the_eager_sums_for_every_batch_shape(graphs):
+    """Batches of 48, 48, 16 evaluated three times: each shape is warmed up, captured, then replayed."""
+    net = _tiny_net().eval()
+    batches = _batches(n=112, batch=48)
+    batches.shuffle = batches.augment = False
+    sums = {}
+    for capture in (False, True):
+        evaluator = EvalStep(net, capture=capture)
+        for _ in range(3):
+            evaluator.reset()
+            with torch.inference_mode():
+                for x, y in batches:
+                    evaluator(x, y)
+        sums[capture] = evaluator.totals()
+    # 48: eager (warm-up), then captured and replayed 5 times; 16: eager, then captured and replayed twice
+    assert evaluator.replays == 7
+    torch.testing.assert_close(sums[True], sums[False], rtol=1e-6, atol=1e-6)
+    assert EvalStep.metrics(sums[True]) == pytest.approx(plain_evaluation(net, batches), rel=1e-5)
+
+
+# ---- whole runs: a real Trainer with the captured step -----------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", CAPTURABLE_HERE)
+def test_captured_runs_train_like_the_plain_loop(optimizer, graphs, tmp_path):
+    """A per-step cosine schedule, dropout, augmentation: 2 epochs of 7 batches, every full batch after the
+    warm-up replayed; validation captured too."""
+    overrides = TINY + [
+        f"optimizer={optimizer}",
+        "scheduler=cosine",
+        "trainer.max_epochs=2",
+        "callbacks.checkpoint=false",
+        "trainer.steps_per_call=auto",
+        "data.eval_batch_size=48",  # 112 validation images: 48 + 48 + 16, each shape captured
+    ]
+    module, trainer = fit(overrides, tmp_path / "captured")
+    assert module.step_mode == "captured" and module.eval_mode == "captured"
+    assert module.steps_per_call == 7  # auto: 32 for a captured step, capped at an epoch's 7 batches
+    assert trainer.global_step == 14 and module.stepper.replays == 14 - WARMUP_STEPS - 2  # short last batches
+    graphs.undo()
+    assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
+    dm = trainer.datamodule
+    loss, acc = plain_evaluation(module.net, dm.val_dataloader())
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(loss, rel=1e-5)
+    assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(acc, rel=1e-6)
+
+
+def assert_identical_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["optimizer=nesterov", "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5"],
+        ["optimizer=adam", "scheduler=plateau", "scheduler.patience=0", "scheduler.factor=0.5"],
+        ["optimizer=adamw", "scheduler=cosine", "trainer.gradient_clip_val=0.05"],
+        ["optimizer=adam", "trainer.precision=bf16-mixed", "scheduler=exponential", "scheduler.gamma=0.7"],
+    ],
+    ids=["step", "plateau", "clip", "bf16-mixed"],
+)
+def test_captured_runs_compute_bit_for_bit_what_eager_runs_do(extra, graphs, tmp_path):
+    """Epoch schedules (the plateau one driven by validation), clipping of the total gradient norm inside the
+    graph, bf16 autocast: 3 epochs captured end with exactly the parameters of trainer.capture=false."""
+    sets_precision = any(o.startswith("trainer.precision") for o in extra)
+    overrides = [o for o in TINY if not (sets_precision and o.startswith("trainer.precision"))] + [
+        "trainer.max_epochs=3",
+        "callbacks.checkpoint=false",
+        *extra,
+    ]
+    captured, trainer = fit(overrides, tmp_path / "captured")
+    eager, _ = fit(overrides + ["trainer.capture=false"], tmp_path / "eager")
+    assert captured.step_mode == "captured" and trainer.global_step == 21
+    assert captured.stepper.replays == 21 - WARMUP_STEPS - 3
+    assert_identical_parameters(captured.net, eager.net)
+
+
+def test_a_resumed_captured_run_ends_where_an_uninterrupted_one_does(graphs, tmp_path):
+    """Stop after epoch 2 of 3 and resume from last.ckpt, captured both times: same step count, data order,
+    dropout draws and schedule as one captured run, and as the plain loop."""
+    base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]
+    full, full_trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "full")
+    fit(base + ["trainer.max_epochs=2"], tmp_path / "first")
+    resumed, trainer = fit(
+        base + ["trainer.max_epochs=3"],
+        tmp_path / "second",
+        ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"),
+    )
+    assert resumed.step_mode == full.step_mode == "captured"
+    assert trainer.global_step == full_trainer.global_step == 21
+    assert_same_parameters(resumed.net, full.net)
+    graphs.undo()
+    assert_same_parameters(resumed.net, plain_loop(base + ["trainer.max_epochs=3"], tmp_path / "plain"))
+
+
+class _ChangesWeightDecay(L.Callback):
+    """Sets the weight decay of the first parameter group at the start of epoch 2 (a value a graph bakes in)."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            trainer.optimizers[0].param_groups[0]["weight_decay"] = 0.5
+
+
+class _SeesGradientsEveryFourSteps(L.Callback):
+    every_n_steps = 4
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def _fit_with(callback, overrides, out):
+    cfg = compose_train(overrides, out)
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg)
+    module = build_module(cfg, dm.num_classes)
+    trainer = build_trainer(cfg, out, extra_callbacks=[callback])
+    trainer.fit(module, datamodule=dm)
+    return module, trainer
+
+
+@pytest.mark.parametrize("callback", [_ChangesWeightDecay, _SeesGradientsEveryFourSteps])
+def test_a_baked_in_value_changed_mid_run_and_per_step_hooks_train_like_eager(callback, graphs, tmp_path):
+    """A weight decay changed mid-run sends the rest of the run eager, and the summary says why; a callback's
+    hook every 4 steps gets those steps eagerly, between replays. Either way: the parameters of the same run
+    with trainer.capture=false."""
+    overrides = TINY + ["optimizer=adam", "trainer.max_epochs=3", "callbacks.checkpoint=false"]
+    captured, trainer = _fit_with(callback(), overrides, tmp_path / "captured")
+    eager, _ = _fit_with(callback(), overrides + ["trainer.capture=false"], tmp_path / "eager")
+    assert eager.step_mode == "eager (trainer.capture=false)"
+    if callback is _ChangesWeightDecay:
+        assert captured.step_mode.startswith("captured, then eager (optimizer weight_decay changed")
+    else:
+        assert captured.step_mode == "captured" and captured.stepper.replays > 0
+        assert trainer.callbacks[-1].steps == [0, 4, 8, 12, 16, 20]
+    assert_identical_parameters(captured.net, eager.net)
+
+
+def test_train_py_reports_the_captured_step_and_logs_every_steps_own_loss(graphs, tmp_path):
+    """train.run with the captured step: metrics.json says so, and the per-step losses logged every 2 steps
+    (the graph's output tensor, read right after its step) are the ones the eager run logs."""
+    import csv
+
+    overrides = [o for o in TINY if o != "logger=none"] + [
+        "logger=csv",
+        "trainer.log_every_n_steps=2",
+        "trainer.max_epochs=2",
+        "callbacks.checkpoint=false",
+    ]
+    logged = {}
+    for mode in ("captured", "eager"):
+        out = tmp_path / mode
+        run(compose_train(overrides + ([] if mode == "captured" else ["trainer.capture=false"]), out))
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["step_mode"] == ("captured" if mode == "captured" else "eager (trainer.capture=false)")
+        rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+        logged[mode] = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+    assert sorted(logged["captured"]) == [1, 3, 5, 7, 9, 11, 13]
+    assert logged["captured"] == logged["eager"]
+    assert len(set(logged["captured"].values())) == 7
