@@ -1,6 +1,7 @@
 """GPU check of cifarlab.step: captured vs eager training, same start, same batches, same RNG.
 
     python bench/gpu_step_check.py [--steps 60] [--out FILE]
+    python bench/gpu_step_check.py --emulate   # a dry run on a CPU, graphs from tests/graph_emulation.py
 
 Trains the course CNN twice from the same weights on the same batch plans (augmentation and dropout on, a
 per-step cosine schedule so the learning rate changes every step): once eager, once with the step captured
@@ -16,7 +17,9 @@ import argparse
 import copy
 import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -24,6 +27,11 @@ from cifarlab.data import DeviceBatches, make_synthetic
 from cifarlab.model import CifarCNN, parameter_groups
 from cifarlab.module import build_optimizer
 from cifarlab.step import EvalStep, TrainStep, optimizer_for_capture
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
@@ -34,16 +42,17 @@ def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
     opt = optimizer_for_capture(factory, groups) if capture else build_optimizer(factory, groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     step = TrainStep(net, opt, capture=capture, autocast_dtype=dtype, clip_norm=5.0)
-    torch.cuda.manual_seed(7)
+    torch.manual_seed(7)  # the CPU's generator and every GPU's
     plans = []
     while len(plans) < steps:
         plans += list(batches.batch_plans())
-    torch.cuda.synchronize()
+    device = batches.images.device
+    sync(device)
     t0 = time.perf_counter()
     for plan in plans[:steps]:
         step(batches, plan)
         sched.step()
-    torch.cuda.synchronize()
+    sync(device)
     loss, acc, images = step.epoch_metrics()
     return {
         "mode": step.mode,
@@ -58,23 +67,37 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default=None)
+    p.add_argument("--emulate", action="store_true", help="on the CPU, with emulated CUDA graphs (a dry run)")
     args = p.parse_args()
+    optimizers = ("adam", "sgd", "rmsprop")
     dev = torch.device("cuda")
+    if args.emulate:
+        from _pytest.monkeypatch import MonkeyPatch
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests/
+        from tests import graph_emulation
+
+        graph_emulation.install(MonkeyPatch())
+        dev, optimizers = (
+            torch.device("cpu"),
+            ("adam", "sgd"),
+        )  # torch's capturable RMSprop refuses CPU tensors
     torch.backends.cudnn.benchmark = True
     x, y = make_synthetic(64 * 20 + 40, seed=1)  # 20 full batches and a short one per epoch
     batches = DeviceBatches(
         x.to(dev), y.to(dev), 64, mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, augment=True, seed=3
     )
     results = {}
-    for opt_name in ("adam", "sgd", "rmsprop"):
+    for opt_name in optimizers:
         for dtype in (None, torch.bfloat16):
             torch.manual_seed(0)
             base = CifarCNN(10, dropout=0.5).to(dev).to(memory_format=torch.channels_last)
             nets = {m: copy.deepcopy(base) for m in ("eager", "captured")}
             runs = {m: train(nets[m], m == "captured", batches, args.steps, dtype, opt_name) for m in nets}
             worst = 0.0
-            for a, b in zip(nets["eager"].parameters(), nets["captured"].parameters(), strict=True):
-                worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
+            with torch.no_grad():
+                for a, b in zip(nets["eager"].parameters(), nets["captured"].parameters(), strict=True):
+                    worst = max(worst, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
             key = f"{opt_name}-{'bf16' if dtype else 'fp32'}"
             results[key] = {"max_rel_param_diff": worst, **{m: runs[m] for m in runs}}
             print(key, f"max relative parameter difference {worst:.2e}", runs, flush=True)

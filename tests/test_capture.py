@@ -300,3 +300,37 @@ def test_train_py_reports_the_captured_step_and_logs_every_steps_own_loss(graphs
     assert sorted(logged["captured"]) == [1, 3, 5, 7, 9, 11, 13]
     assert logged["captured"] == logged["eager"]
     assert len(set(logged["captured"].values())) == 7
+
+
+@pytest.mark.slow
+def test_the_gpu_step_check_runs_here_on_emulated_graphs(tmp_path):
+    """bench/gpu_step_check.py, the captured-vs-eager check of a GPU session, as a dry run on this CPU: it runs
+    to its end and finds the captured step and evaluation equal to the eager ones."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "step_check.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_step_check.py"),
+            "--emulate",
+            "--steps",
+            "8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checks = json.loads(out.read_text())
+    assert sorted(checks) == ["adam-bf16", "adam-fp32", "eval-bf16", "eval-fp32", "sgd-bf16", "sgd-fp32"]
+    for key in ("adam-fp32", "adam-bf16", "sgd-fp32", "sgd-bf16"):
+        assert checks[key]["captured"]["replays"] == 8 - WARMUP_STEPS
+        assert checks[key]["max_rel_param_diff"] == 0.0
+    for key in ("eval-fp32", "eval-bf16"):
+        assert checks[key]["replays"] > 0 and checks[key]["captured"] == checks[key]["eager"]
