@@ -228,7 +228,7 @@ def test_a_resumed_captured_run_ends_where_an_uninterrupted_one_does(graphs, tmp
     )
     assert resumed.step_mode == full.step_mode == "captured"
     assert trainer.global_step == full_trainer.global_step == 21
-    assert_same_parameters(resumed.net, full.net)
+    assert_identical_parameters(resumed.net, full.net)
     graphs.undo()
     assert_same_parameters(resumed.net, plain_loop(base + ["trainer.max_epochs=3"], tmp_path / "plain"))
 
