@@ -12,6 +12,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifarlab.data import DeviceBatches
 from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep, optimizer_for_capture
@@ -334,3 +335,65 @@ def test_the_gpu_step_check_runs_here_on_emulated_graphs(tmp_path):
         assert checks[key]["max_rel_param_diff"] == 0.0
     for key in ("eval-fp32", "eval-bf16"):
         assert checks[key]["replays"] > 0 and checks[key]["captured"] == checks[key]["eager"]
+
+
+class _CountsHostReads(L.Callback):
+    """Notes the training call (Lightning batch) of every operation that makes the host wait for the device
+    (``.item()``, ``float(t)``, ``nonzero``) while the training epochs run, validation left out: on a GPU each
+    one stalls the queue of launched steps."""
+
+    class _Mode(TorchDispatchMode):
+        def __init__(self, note) -> None:
+            super().__init__()
+            self.note = note
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in graph_emulation.HOST_SYNCS:
+                self.note()
+            return func(*args, **(kwargs or {}))
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []  # (epoch, batch_idx) of each read
+        self.where = (-1, -1)
+        self.mode: TorchDispatchMode | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.where = (trainer.current_epoch, batch_idx)
+
+    def _start(self, *_) -> None:
+        self.mode = self._Mode(lambda: self.calls.append(self.where))
+        self.mode.__enter__()
+
+    def _stop(self, *_) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.mode = None
+
+    on_train_epoch_start = on_validation_end = _start
+    on_validation_start = on_train_epoch_end = _stop
+
+
+@pytest.mark.parametrize("capture", ["auto", "false"])
+def test_training_steps_read_from_the_device_only_where_they_log(capture, graphs, tmp_path):
+    """3 epochs of 7 optimizer steps in calls of 3 (3, 3, 1), logging every 5 steps: the host reads one value (the
+    logged loss) in each call with a logged step (steps 5, 10, 15, 20) and none in any other, eager or captured.
+    (Logging the progress bar's loss through ``self.log`` made Lightning read it back twice in that call and in
+    every later call of the epoch: on a GPU, two stream syncs per call.)"""
+    overrides = TINY + [
+        f"trainer.capture={capture}",
+        "optimizer=adam",
+        "scheduler=cosine",
+        "trainer.max_epochs=3",
+        "trainer.log_every_n_steps=5",
+        "callbacks.checkpoint=false",
+    ]
+    counter = _CountsHostReads()
+    module, trainer = _fit_with(counter, overrides, tmp_path)
+    assert trainer.global_step == 21
+    assert module.step_mode == ("captured" if capture == "auto" else "eager (trainer.capture=false)")
+    assert counter.calls == [
+        (0, 1),
+        (1, 0),
+        (2, 0),
+        (2, 1),
+    ]  # steps 4-6, 8-10, 15-17 and 18-20: one read each

@@ -438,9 +438,17 @@ def test_per_step_values_are_logged_at_every_nth_optimizer_step(tmp_path):
 
 
 def test_the_progress_bar_counts_optimizer_steps(tmp_path):
-    """With 3 steps per call, Rich's bar shows 7 batches per epoch (not 3 calls), and reaches 7."""
+    """With 3 steps per call, Rich's bar shows 7 batches per epoch (not 3 calls), and reaches 7; it shows the
+    last logged train/loss_step (every 2 steps: after the calls of steps 1-3, 4-6, 7 | 8-10, 11-13, 14, those of
+    steps 2, 6, 6 | 10, 12, 14)."""
     cfg = compose_train(
-        TINY + ["trainer.max_epochs=2", "callbacks.checkpoint=false", "trainer.enable_progress_bar=true"],
+        TINY
+        + [
+            "trainer.max_epochs=2",
+            "callbacks.checkpoint=false",
+            "trainer.enable_progress_bar=true",
+            "trainer.log_every_n_steps=2",
+        ],
         tmp_path,
     )
     L.seed_everything(cfg.seed, verbose=False)
@@ -450,13 +458,22 @@ def test_the_progress_bar_counts_optimizer_steps(tmp_path):
     bar = trainer.progress_bar_callback
     assert type(bar).__name__ == "StepProgressBar"
     updates: list[tuple[float, float]] = []
-    original = bar._update
+    shown: list[float | None] = []
+    logged: dict[int, float] = {}
+    original, log_step = bar._update, module._log_step
 
     def record(progress_bar_id, current, visible=True, hard=False):
         if progress_bar_id is not None and progress_bar_id == bar.train_progress_bar_id:
             updates.append((current, bar.progress.tasks[progress_bar_id].total))
+            shown.append(bar.get_metrics(trainer, module).get("train/loss_step"))
         original(progress_bar_id, current, visible, hard)
 
-    bar._update = record
+    def note(step, loss, lr):
+        logged[step] = float(loss)
+        log_step(step, loss, lr)
+
+    bar._update, module._log_step = record, note
     trainer.fit(module, datamodule=dm)
     assert updates == [(3, 7), (6, 7), (7, 7)] * 2
+    assert sorted(logged) == [2, 4, 6, 8, 10, 12, 14]
+    assert shown == [logged[s] for s in (2, 6, 6, 10, 12, 14)]

@@ -163,4 +163,11 @@ def step_progress_bar() -> Callback:
             )
             super().on_train_batch_end(trainer, pl_module, outputs, batch, self._steps_done - 1)
 
+        def get_metrics(self, trainer, pl_module) -> dict:
+            metrics = super().get_metrics(trainer, pl_module)
+            loss = getattr(pl_module, "last_step_loss", None)  # a float the module keeps: no device read
+            if loss is not None:
+                metrics["train/loss_step"] = loss
+            return metrics
+
     return StepProgressBar(leave=True)

@@ -118,6 +118,7 @@ class CifarModule(L.LightningModule):
         self.stepper: TrainStep | None = None
         self._evaluator: EvalStep | None = None
         self.val_acc_best = MaxMetric()
+        self.last_step_loss: float | None = None  # the last logged train/loss_step, for the progress bar
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fn(x)
@@ -212,12 +213,15 @@ class CifarModule(L.LightningModule):
         Straight to the loggers: ``self.log`` keeps one value per key per ``training_step`` call and logs it
         at the call's end, so with K steps per call most of them were lost or logged at the wrong step.
         Lightning's axis is 0-based (the value after step s at s - 1), as its epoch-level values are.
-        ``float(loss)`` waits for the GPU: once per log_every_n_steps steps."""
+        ``float(loss)`` waits for the GPU: once per log_every_n_steps steps, and nothing else does. (The progress
+        bar reads ``last_step_loss``: ``self.log(..., prog_bar=True)`` put the float on the GPU and Lightning
+        read it back at the end of this call and of every later call of the epoch, two stream syncs per call,
+        each leaving the GPU idle through Lightning's per-call work.)"""
         values = {"train/loss_step": float(loss), "train/lr": lr}
         if self.trainer.is_global_zero:
             for logger in self.loggers:  # with the epoch, as Lightning's own per-step values have it
                 logger.log_metrics({**values, "epoch": self.current_epoch}, step=step - 1)
-        self.log("train/loss_step", values["train/loss_step"], prog_bar=True, logger=False, on_step=True)
+        self.last_step_loss = values["train/loss_step"]
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Lightning's optimizer step (the eager steps that go through it) calls this after 16-mixed's
