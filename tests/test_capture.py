@@ -397,3 +397,27 @@ def test_training_steps_read_from_the_device_only_where_they_log(capture, graphs
         (2, 0),
         (2, 1),
     ]  # steps 4-6, 8-10, 15-17 and 18-20: one read each
+
+
+def test_the_final_test_replays_the_graphs_on_the_best_checkpoints_weights(graphs, tmp_path):
+    """train.py tests the best checkpoint, loaded into the network whose evaluation graphs were captured during
+    validation: the replays must read the loaded weights (a graph reads its tensors where they were at the
+    capture, so the load must copy into them). test/acc and test/loss equal eval.py's eager evaluation of
+    the same checkpoint in a new process."""
+    from tests.conftest import run_eval
+
+    overrides = [o for o in TINY if o not in ("test=false", "data.test_size=16")] + [
+        "data.test_size=112",
+        "data.eval_batch_size=48",
+        "optimizer=sgd",
+        "optimizer.lr=0.1",  # unstable on purpose: the best validation is not the last epoch's
+        "trainer.max_epochs=4",
+    ]
+    out = tmp_path / "run"
+    metrics = run(compose_train(overrides, out))
+    assert metrics["step_mode"] == "captured" and metrics["eval_mode"] == "captured"
+    best = metrics["best_ckpt"]
+    assert "epoch003" not in best, best  # the best is an earlier epoch than the last
+    _, evaluated = run_eval(best, tmp_path / "eval")
+    assert metrics["test/acc"] == pytest.approx(evaluated["test/acc"], rel=1e-6)
+    assert metrics["test/loss"] == pytest.approx(evaluated["test/loss"], rel=1e-5)
