@@ -2,7 +2,8 @@
 recorded once, replayed with every host-side value baked in, as on a GPU. A captured run computes what the
 plain one-step-at-a-time loop computes: same parameters after many steps, for every optimizer that has a
 capturable form on a CPU (Adam, AdamW, SGD with and without momentum), with schedulers, dropout, clipping,
-bf16, a resume, a hyperparameter changed mid-run and callbacks' per-step hooks. Real Lightning Trainers."""
+bf16, a hyperparameter changed mid-run and callbacks' per-step hooks (a captured resume: tests/test_step.py).
+Real Lightning Trainers."""
 
 from __future__ import annotations
 
@@ -19,7 +20,14 @@ from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep, optimizer_for_captu
 from cifarlab.train import build_datamodule, build_module, build_trainer, run
 from tests import graph_emulation
 from tests.conftest import compose_train
-from tests.test_step import TINY, assert_same_parameters, fit, plain_evaluation, plain_loop
+from tests.test_step import (
+    TINY,
+    assert_identical_parameters,
+    assert_same_parameters,
+    fit,
+    plain_evaluation,
+    plain_loop,
+)
 
 # torch's capturable RMSprop, NAdam and RAdam refuse CPU tensors: those run captured only on a GPU.
 CAPTURABLE_HERE = ["adam", "adamw", "sgd", "momentum", "nesterov"]
@@ -185,11 +193,6 @@ def test_captured_runs_train_like_the_plain_loop(optimizer, graphs, tmp_path):
     assert float(trainer.callback_metrics["val/acc"]) == pytest.approx(acc, rel=1e-6)
 
 
-def assert_identical_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -214,24 +217,6 @@ def test_captured_runs_compute_bit_for_bit_what_eager_runs_do(extra, graphs, tmp
     assert captured.step_mode == "captured" and trainer.global_step == 21
     assert captured.stepper.replays == 21 - WARMUP_STEPS - 3
     assert_identical_parameters(captured.net, eager.net)
-
-
-def test_a_resumed_captured_run_ends_where_an_uninterrupted_one_does(graphs, tmp_path):
-    """Stop after epoch 2 of 3 and resume from last.ckpt, captured both times: same step count, data order,
-    dropout draws and schedule as one captured run, and as the plain loop."""
-    base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]
-    full, full_trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "full")
-    fit(base + ["trainer.max_epochs=2"], tmp_path / "first")
-    resumed, trainer = fit(
-        base + ["trainer.max_epochs=3"],
-        tmp_path / "second",
-        ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"),
-    )
-    assert resumed.step_mode == full.step_mode == "captured"
-    assert trainer.global_step == full_trainer.global_step == 21
-    assert_identical_parameters(resumed.net, full.net)
-    graphs.undo()
-    assert_same_parameters(resumed.net, plain_loop(base + ["trainer.max_epochs=3"], tmp_path / "plain"))
 
 
 class _ChangesWeightDecay(L.Callback):

@@ -19,6 +19,7 @@ from cifarlab.model import parameter_groups
 from cifarlab.module import build_optimizer
 from cifarlab.step import capture_blocker
 from cifarlab.train import build_datamodule, build_module, build_trainer
+from tests import graph_emulation
 from tests.conftest import CONF, compose_train
 
 OPTIMIZERS = sorted(
@@ -108,9 +109,14 @@ def plain_loop(overrides: list[str], out: Path) -> torch.nn.Module:
     return net
 
 
-def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module, exactly: bool = False) -> None:
+    tolerance = {"rtol": 0, "atol": 0} if exactly else {"rtol": 1e-5, "atol": 1e-6}
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(p, q, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_identical_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    assert_same_parameters(a, b, exactly=True)
 
 
 # The course's own optimizers run the same eager path as torch's: they are the slow tier (~3 s each).
@@ -182,8 +188,12 @@ def test_steps_through_lightnings_optimizer_step_clip_there(tmp_path):
     assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
-    """Stop after epoch 2 of 3, resume from last.ckpt: same step count, data order, dropout draws, schedule."""
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(captured, monkeypatch, tmp_path):
+    """Stop after epoch 2 of 3, resume from last.ckpt: same step count, data order, dropout draws, schedule, and
+    bit for bit the same parameters; eager, and captured (CUDA graphs emulated: tests/graph_emulation.py)."""
+    if captured:
+        graph_emulation.install(monkeypatch)
     base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]
     full, full_trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "full")
     fit(base + ["trainer.max_epochs=2"], tmp_path / "first")
@@ -192,9 +202,11 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
         tmp_path / "second",
         ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"),
     )
+    mode = "captured" if captured else "eager (the device is cpu, not a CUDA GPU)"
+    assert resumed.step_mode == full.step_mode == mode
     assert trainer.global_step == full_trainer.global_step == 21
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001 * 0.7**3)
-    assert_same_parameters(resumed.net, full.net)
+    assert_identical_parameters(resumed.net, full.net)
 
 
 def test_steps_per_call_changes_nothing_but_the_grouping(tmp_path):
