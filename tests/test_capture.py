@@ -314,10 +314,11 @@ def test_the_gpu_step_check_runs_here_on_emulated_graphs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checks = json.loads(out.read_text())
-    assert sorted(checks) == ["adam-bf16", "adam-fp32", "eval-bf16", "eval-fp32", "sgd-bf16", "sgd-fp32"]
-    for key in ("adam-fp32", "adam-bf16", "sgd-fp32", "sgd-bf16"):
+    runs = [f"{o}-{d}" for o in ("adam", "course_adam", "sgd") for d in ("bf16", "fp32")]
+    assert sorted(checks) == sorted([*runs, "eval-bf16", "eval-fp32"])
+    for key in runs:
         assert checks[key]["captured"]["replays"] == 8 - WARMUP_STEPS
-        assert checks[key]["max_rel_param_diff"] == 0.0
+        assert checks[key]["max_rel_param_diff"] == 0.0, key
     for key in ("eval-fp32", "eval-bf16"):
         assert checks[key]["replays"] > 0 and checks[key]["captured"] == checks[key]["eager"]
 
@@ -406,3 +407,79 @@ def test_the_final_test_replays_the_graphs_on_the_best_checkpoints_weights(graph
     _, evaluated = run_eval(best, tmp_path / "eval")
     assert metrics["test/acc"] == pytest.approx(evaluated["test/acc"], rel=1e-6)
     assert metrics["test/loss"] == pytest.approx(evaluated["test/loss"], rel=1e-5)
+
+
+# ---- the course's own optimizers (cifarlab.optim), in their capturable form ---------------------------------
+
+COURSE_KW = {  # rates at which 3 epochs of the tiny net move every parameter
+    "ema_momentum": {"lr": 0.05},
+    "momentum": {"lr": 0.02},
+    "nesterov": {"lr": 0.02},
+    "adagrad": {"lr": 0.05},
+    "rmsprop": {"lr": 0.005},
+    "adam": {"lr": 0.005},
+    "decayed_gd": {"lr": 0.1, "decay": 0.99},
+    "grad_scaled_gd": {"lr": 0.1, "c": 0.2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(COURSE_KW))
+def test_the_course_optimizers_capturable_form_is_captured_and_follows_the_lecture(name, graphs):
+    """optimizer_for_capture builds the course's optimizer with capturable=True (learning rate read from a
+    device tensor, step counts and decayed rates on the device): captured, it replays bit for bit what the same
+    optimizer computes eagerly, with a per-step schedule; and it follows the plain (lecture's) form of the rule
+    to float rounding."""
+    from cifarlab.module import build_optimizer
+    from cifarlab.optim import COURSE_OPTIMIZERS
+
+    factory = partial(COURSE_OPTIMIZERS[name], **COURSE_KW[name])
+    runs = {}
+    for mode in ("plain", "capturable", "captured"):
+        net = _tiny_net()
+        groups = [
+            {"params": [net.body[1].weight, net.head.weight], "weight_decay": 1e-3},
+            {"params": [net.body[1].bias, net.head.bias], "weight_decay": 0.0},
+        ]
+        opt = build_optimizer(factory, groups) if mode == "plain" else optimizer_for_capture(factory, groups)
+        assert opt.param_groups[0]["capturable"] == (mode != "plain")
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=30)
+        step = TrainStep(net, opt, capture=mode == "captured")
+        torch.manual_seed(5)
+        start = [p.detach().clone() for p in net.parameters()]
+        _train(step, _batches(), epochs=3, schedule=schedule)
+        assert all(not torch.equal(a, p) for a, p in zip(start, net.parameters(), strict=True))
+        runs[mode] = (net, step)
+    assert runs["captured"][1].mode == "captured" and runs["captured"][1].replays == 3 * 7 - WARMUP_STEPS - 3
+    assert_identical_parameters(runs["captured"][0], runs["capturable"][0])
+    for (n, p), q in zip(
+        runs["capturable"][0].named_parameters(), runs["plain"][0].parameters(), strict=True
+    ):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_a_captured_course_adam_run_resumes_exactly_and_its_checkpoint_also_resumes_eagerly(graphs, tmp_path):
+    """optimizer=course/adam runs captured, its step counts device tensors: resumed from its checkpoint it ends
+    bit for bit where an uninterrupted captured run does; resumed without capture, the counts come back as host
+    numbers and go on from 7; and an eager run's checkpoint (counts as ints) resumes captured."""
+    base = TINY + ["optimizer=course/adam", "optimizer.lr=0.005"]
+    first, _ = fit(base + ["trainer.max_epochs=1"], tmp_path / "first")
+    assert first.step_mode == "captured"
+    counts = [s["step"] for s in first.stepper.optimizer.state.values()]
+    assert all(isinstance(c, torch.Tensor) and float(c) == 7 for c in counts)
+    last = str(tmp_path / "first" / "checkpoints" / "last.ckpt")
+    full, _ = fit(base + ["trainer.max_epochs=2"], tmp_path / "full")
+    resumed, trainer = fit(base + ["trainer.max_epochs=2"], tmp_path / "second", ckpt_path=last)
+    assert trainer.global_step == 14 and resumed.step_mode == "captured"
+    assert_identical_parameters(resumed.net, full.net)
+    eager, trainer = fit(
+        base + ["trainer.max_epochs=2", "trainer.capture=false"], tmp_path / "eager", ckpt_path=last
+    )
+    assert trainer.global_step == 14 and not trainer.optimizers[0].param_groups[0]["capturable"]
+    assert [s["step"] for s in trainer.optimizers[0].state.values()] == [14.0] * len(counts)
+    assert all(torch.isfinite(p).all() for p in eager.net.parameters())
+    # and the other way: an eager run's checkpoint (counts as ints) resumes captured
+    fit(base + ["trainer.max_epochs=1", "trainer.capture=false"], tmp_path / "eager-first")
+    last = str(tmp_path / "eager-first" / "checkpoints" / "last.ckpt")
+    captured, trainer = fit(base + ["trainer.max_epochs=2"], tmp_path / "captured-second", ckpt_path=last)
+    assert captured.step_mode == "captured" and trainer.global_step == 14
+    assert all(float(s["step"]) == 14 for s in trainer.optimizers[0].state.values())

@@ -75,8 +75,9 @@ class TrainerConf:
     channels_last: bool = True  # NHWC activations: faster convolutions on CPUs (oneDNN) and tensor cores
     compile: bool = False  # torch.compile the network
     # Record the whole training step once as a CUDA graph and replay it (cifarlab.step): auto (where it can
-    # apply: a CUDA GPU, a torch optimizer with a capturable form, no DDP/16-mixed/compile) | true (error if
-    # it cannot) | false (always eager). The run's summary and metrics.json say which ran (step_mode).
+    # apply: a CUDA GPU, an optimizer with a capturable form (all but torch's Adagrad), no DDP, 16-mixed or
+    # compile) | true (error if it cannot) | false (always eager). The run's summary and metrics.json say
+    # which ran (step_mode).
     capture: Any = "auto"
     # Optimizer steps per Lightning training_step (several batches per call, manual optimization, so that
     # Lightning's per-call cost is paid once per K steps): auto (32 captured, 8 eager) | an integer >= 1
@@ -237,7 +238,8 @@ def _capture_blocker(cfg: DictConfig) -> str | None:
     capturable = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")  # cifarlab.step.CAPTURABLE_OPTIMIZERS
     if str(t.accelerator) == "cpu":
         return "trainer.accelerator=cpu: CUDA graphs need a CUDA GPU"
-    if not (target.startswith("torch.optim.") and target.rsplit(".", 1)[-1] in capturable):
+    course = target.startswith("cifarlab.optim.")  # the course's optimizers: all capturable
+    if not (course or target.startswith("torch.optim.") and target.rsplit(".", 1)[-1] in capturable):
         return f"optimizer {target} has no capturable form"
     if str(t.precision).startswith("16"):
         return "16-mixed checks its gradient scale on the host"

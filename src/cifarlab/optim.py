@@ -13,6 +13,12 @@ Where a course rule coincides with a ``torch.optim`` one the tests prove equal t
 ``COURSE_OPTIMIZERS`` maps the config names (``optimizer=course/<name>``) to the classes.  Every
 constructor argument except ``params`` has a float/int/bool/tuple default, because the config schema is
 generated from the signature.
+
+``capturable=True`` (what :func:`cifarlab.step.optimizer_for_capture` asks for, as torch's own optimizers have
+it) writes each rule so that its step can be recorded in a CUDA graph and replayed: the learning rate may be
+a device tensor (the captured step reads it from one), and step counters and decayed rates live on the
+parameter's device, so no value is read on the host and none is baked into the graph.  The same formula in
+tensor operations; the default path is unchanged.
 """
 
 from __future__ import annotations
@@ -56,13 +62,29 @@ def _check(
         raise ValueError(f"invalid {name}={value!r}; allowed: {left}{low}, {high}{right}")
 
 
+def _device_scalar(value: float | Tensor, like: Tensor) -> Tensor:
+    """A float state value (a step count, a decayed rate) as a float32 scalar on ``like``'s device; a tensor
+    as it is (state of a capturable run, or a checkpoint of one)."""
+    if isinstance(value, Tensor):
+        return value
+    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+
+
+def _host_number(value: float | Tensor) -> float:
+    """A state value as a Python number (a checkpoint of a capturable run resumed without capture)."""
+    return float(value) if isinstance(value, Tensor) else value
+
+
 class _CourseOptimizer(Optimizer):
     """Shared ``step``: closure, weight decay as L2 on the gradient, then the subclass's ``_update``."""
 
-    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+    # cifarlab.step.capture_blocker: these can be built capturable and captured in a CUDA graph.
+    supports_capture = True
+
+    def __init__(self, params: Params, defaults: dict[str, Any], capturable: bool = False) -> None:
         _check("lr", defaults["lr"], 0.0)
         _check("weight_decay", defaults["weight_decay"], 0.0)
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "capturable": bool(capturable)})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -87,6 +109,14 @@ class _CourseOptimizer(Optimizer):
         raise NotImplementedError
 
 
+def _scaled_step(p: Tensor, num: Tensor, den: Tensor, group: dict[str, Any]) -> None:
+    """θ ← θ − η·num/den, with η a float, or a device tensor when capturable."""
+    if group["capturable"]:
+        p.sub_(num.div(den).mul_(group["lr"]))
+    else:
+        p.addcdiv_(num, den, value=-group["lr"])
+
+
 class EMAMomentum(_CourseOptimizer):
     r"""Momentum as an exponential moving average of the gradients.
 
@@ -97,10 +127,15 @@ class EMAMomentum(_CourseOptimizer):
     """
 
     def __init__(
-        self, params: Params, lr: float = 0.01, beta: float = 0.9, weight_decay: float = 0.0
+        self,
+        params: Params,
+        lr: float = 0.01,
+        beta: float = 0.9,
+        weight_decay: float = 0.0,
+        capturable: bool = False,
     ) -> None:
         _check("beta", beta, 0.0, 1.0)
-        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay}, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
@@ -108,7 +143,10 @@ class EMAMomentum(_CourseOptimizer):
         beta = group["beta"]
         v = state["velocity"]
         v.mul_(beta).add_(g, alpha=1.0 - beta)  # v ← βv + (1−β)g
-        p.add_(v, alpha=-group["lr"])  # θ ← θ − η·v
+        if group["capturable"]:  # lr: a float or a device tensor
+            p.sub_(v.mul(group["lr"]))
+        else:
+            p.add_(v, alpha=-group["lr"])  # θ ← θ − η·v
 
 
 class Momentum(_CourseOptimizer):
@@ -123,16 +161,24 @@ class Momentum(_CourseOptimizer):
     """
 
     def __init__(
-        self, params: Params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0
+        self,
+        params: Params,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        capturable: bool = False,
     ) -> None:
         _check("momentum", momentum, 0.0, 1.0)
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         m = state["momentum_buffer"]
-        m.mul_(group["momentum"]).add_(g, alpha=-group["lr"])  # m ← μ·m − η·g
+        if group["capturable"]:
+            m.mul_(group["momentum"]).sub_(g.mul(group["lr"]))
+        else:
+            m.mul_(group["momentum"]).add_(g, alpha=-group["lr"])  # m ← μ·m − η·g
         p.add_(m)  # θ ← θ + m
 
 
@@ -147,16 +193,26 @@ class Nesterov(_CourseOptimizer):
     """
 
     def __init__(
-        self, params: Params, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0
+        self,
+        params: Params,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        capturable: bool = False,
     ) -> None:
         _check("momentum", momentum, 0.0, 1.0)
-        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         mu, lr = group["momentum"], group["lr"]
         m = state["momentum_buffer"]
+        if group["capturable"]:
+            step = g.mul(lr)
+            m.mul_(mu).sub_(step)
+            p.add_(m, alpha=mu).sub_(step)
+            return
         m.mul_(mu).add_(g, alpha=-lr)  # m ← μ·m − η·g
         p.add_(m, alpha=mu).add_(g, alpha=-lr)  # θ ← θ + μ·m − η·g
 
@@ -170,17 +226,22 @@ class AdaGrad(_CourseOptimizer):
     """
 
     def __init__(
-        self, params: Params, lr: float = 0.01, eps: float = 1e-6, weight_decay: float = 0.0
+        self,
+        params: Params,
+        lr: float = 0.01,
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        capturable: bool = False,
     ) -> None:
         _check("eps", eps, 0.0, low_open=True)  # ε = 0: a zero gradient gives 0/0
-        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay}, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["sum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         G = state["sum"]
         G.addcmul_(g, g)  # G ← G + g²
-        p.addcdiv_(g, G.add(group["eps"]).sqrt_(), value=-group["lr"])  # θ ← θ − η·g/√(G+ε)
+        _scaled_step(p, g, G.add(group["eps"]).sqrt_(), group)  # θ ← θ − η·g/√(G+ε)
 
 
 class RMSProp(_CourseOptimizer):
@@ -200,10 +261,12 @@ class RMSProp(_CourseOptimizer):
         rho: float = 0.9,
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        capturable: bool = False,
     ) -> None:
         _check("rho", rho, 0.0, 1.0)
         _check("eps", eps, 0.0, low_open=True)  # ε = 0: a zero gradient gives 0/0
-        super().__init__(params, {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay})
+        defaults = {"lr": lr, "rho": rho, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
@@ -211,7 +274,7 @@ class RMSProp(_CourseOptimizer):
         rho = group["rho"]
         G = state["square_avg"]
         G.mul_(rho).addcmul_(g, g, value=1.0 - rho)  # G ← ρG + (1−ρ)g²
-        p.addcdiv_(g, G.add(group["eps"]).sqrt_(), value=-group["lr"])  # θ ← θ − η·g/√(G+ε)
+        _scaled_step(p, g, G.add(group["eps"]).sqrt_(), group)  # θ ← θ − η·g/√(G+ε)
 
 
 class Adam(_CourseOptimizer):
@@ -236,6 +299,7 @@ class Adam(_CourseOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         bias_correction: bool = True,
+        capturable: bool = False,
     ) -> None:
         betas = tuple(float(b) for b in betas)  # configs hand over lists
         if len(betas) != 2:
@@ -250,7 +314,7 @@ class Adam(_CourseOptimizer):
             "weight_decay": weight_decay,
             "bias_correction": bool(bias_correction),
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
@@ -258,6 +322,10 @@ class Adam(_CourseOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
+        capturable = group["capturable"]
+        # t on the device when capturable (a graph replays what it recorded: a host count would stay at the
+        # capture's value), else a Python int; either way as a checkpoint of the other kind has it
+        state["step"] = _device_scalar(state["step"], p) if capturable else _host_number(state["step"])
         state["step"] += 1
         t = state["step"]
         v, s = state["exp_avg"], state["exp_avg_sq"]
@@ -268,7 +336,12 @@ class Adam(_CourseOptimizer):
         else:
             bc1 = bc2 = 1.0
         denom = s.div(bc2).sqrt_().add_(group["eps"])  # √ŝ + ε
-        p.addcdiv_(v, denom, value=-group["lr"] / bc1)  # θ ← θ − η·v̂/(√ŝ + ε)
+        if (
+            capturable
+        ):  # η enters only as a factor of a full tensor: a float and a tensor η give the same bits
+            p.sub_(v.div(denom).mul_(group["lr"]).div_(bc1))
+        else:
+            p.addcdiv_(v, denom, value=-group["lr"] / bc1)  # θ ← θ − η·v̂/(√ŝ + ε)
 
 
 class DecayedGD(_CourseOptimizer):
@@ -284,13 +357,24 @@ class DecayedGD(_CourseOptimizer):
     """
 
     def __init__(
-        self, params: Params, lr: float = 0.1, decay: float = 0.99, weight_decay: float = 0.0
+        self,
+        params: Params,
+        lr: float = 0.1,
+        decay: float = 0.99,
+        weight_decay: float = 0.0,
+        capturable: bool = False,
     ) -> None:
         _check("decay", decay, 0.0, 1.0, high_open=False)
-        super().__init__(params, {"lr": lr, "decay": decay, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "decay": decay, "weight_decay": weight_decay}, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        state["lr_factor"] = state.get("lr_factor", 1.0) * group["decay"]  # η ← K·η
+        factor = state.get("lr_factor", 1.0)
+        if group["capturable"]:  # the factor on the device, decayed in place
+            factor = state["lr_factor"] = _device_scalar(factor, p)
+            factor.mul_(group["decay"])
+            p.sub_(g.mul(factor).mul_(group["lr"]))
+            return
+        state["lr_factor"] = _host_number(factor) * group["decay"]  # η ← K·η
         p.add_(g, alpha=-group["lr"] * state["lr_factor"])  # θ ← θ − η·g
 
 
@@ -305,16 +389,26 @@ class GradScaledGD(_CourseOptimizer):
     long runs need a small ``c``.
     """
 
-    def __init__(self, params: Params, lr: float = 0.1, c: float = 1.0, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Params,
+        lr: float = 0.1,
+        c: float = 1.0,
+        weight_decay: float = 0.0,
+        capturable: bool = False,
+    ) -> None:
         _check("c", c, 0.0)
-        super().__init__(params, {"lr": lr, "c": c, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "c": c, "weight_decay": weight_decay}, capturable)
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["lr_factor"] = torch.ones_like(p, memory_format=torch.preserve_format)
         factor = state["lr_factor"]
         factor.div_(g.abs().sqrt_().mul_(group["c"]).add_(1.0))  # η ← η / (1 + c·√|g|)
-        p.addcmul_(factor, g, value=-group["lr"])  # θ ← θ − η·g
+        if group["capturable"]:
+            p.sub_(factor.mul(g).mul_(group["lr"]))
+        else:
+            p.addcmul_(factor, g, value=-group["lr"])  # θ ← θ − η·g
 
 
 COURSE_OPTIMIZERS: dict[str, type[Optimizer]] = {

@@ -18,8 +18,9 @@ What makes the replay compute the same thing as the eager step:
   into device tensors, read once per epoch (:meth:`TrainStep.epoch_metrics`).
 
 Eager remains where capture cannot apply (:func:`capture_blocker` says why): a CPU, an optimizer without a
-capturable form (the course's own, Adagrad), 16-mixed (its gradient scaler checks for infs on the host), DDP
-(its all-reduce runs in autograd hooks), ``trainer.compile`` and a scheduler that cycles momentum.
+capturable form (torch's Adagrad; the course's own have one, :mod:`cifarlab.optim`), 16-mixed (its gradient
+scaler checks for infs on the host), DDP (its all-reduce runs in autograd hooks), ``trainer.compile`` and a
+scheduler that cycles momentum.
 
 :class:`EvalStep` does the same for evaluation: forward, summed loss and correct predictions of a batch, on the
 device, captured per batch shape on a CUDA GPU; read once per validation or test.
@@ -34,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Optimizers whose step can run inside a CUDA graph with the learning rate as a device tensor: the ones with
-# ``capturable`` (step counters on the device), and SGD, which keeps no step counter.
+# torch's optimizers whose step can run inside a CUDA graph with the learning rate as a device tensor: the ones
+# with ``capturable`` (step counters on the device), and SGD, which keeps no step counter. (The course's own,
+# cifarlab.optim, have a ``capturable`` form too: their classes say ``supports_capture``.)
 CAPTURABLE_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")
 WARMUP_STEPS = 3  # eager steps before the capture: cuDNN autotuning, lazy state (PyTorch's CUDA-graph notes)
 # Device types with CUDA graphs (the tests add "cpu" with tests/graph_emulation.py).
@@ -54,7 +56,10 @@ def capture_blocker(
     if device.type not in GRAPH_DEVICES:
         return f"the device is {device.type}, not a CUDA GPU"
     name = optimizer_cls.__name__
-    if optimizer_cls.__module__.split(".")[0] != "torch" or name not in CAPTURABLE_OPTIMIZERS:
+    torch_capturable = optimizer_cls.__module__.split(".")[0] == "torch" and name in CAPTURABLE_OPTIMIZERS
+    if not (
+        torch_capturable or getattr(optimizer_cls, "supports_capture", False)
+    ):  # the course's: cifarlab.optim
         return f"{optimizer_cls.__module__}.{name} has no capturable form"
     if str(precision).startswith("16"):
         return "16-mixed's gradient scaler checks for infs on the host"
