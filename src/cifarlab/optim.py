@@ -336,9 +336,8 @@ class Adam(_CourseOptimizer):
         else:
             bc1 = bc2 = 1.0
         denom = s.div(bc2).sqrt_().add_(group["eps"])  # √ŝ + ε
-        if (
-            capturable
-        ):  # η enters only as a factor of a full tensor: a float and a tensor η give the same bits
+        # capturable: η only ever multiplies a full tensor, so a float η and a tensor η give the same bits
+        if capturable:
             p.sub_(v.div(denom).mul_(group["lr"]).div_(bc1))
         else:
             p.addcdiv_(v, denom, value=-group["lr"] / bc1)  # θ ← θ − η·v̂/(√ŝ + ε)

@@ -57,9 +57,8 @@ def capture_blocker(
         return f"the device is {device.type}, not a CUDA GPU"
     name = optimizer_cls.__name__
     torch_capturable = optimizer_cls.__module__.split(".")[0] == "torch" and name in CAPTURABLE_OPTIMIZERS
-    if not (
-        torch_capturable or getattr(optimizer_cls, "supports_capture", False)
-    ):  # the course's: cifarlab.optim
+    course_capturable = getattr(optimizer_cls, "supports_capture", False)  # cifarlab.optim's
+    if not (torch_capturable or course_capturable):
         return f"{optimizer_cls.__module__}.{name} has no capturable form"
     if str(precision).startswith("16"):
         return "16-mixed's gradient scaler checks for infs on the host"
