@@ -79,9 +79,8 @@ class _Recorder(TorchDispatchMode):
             out = func(*args, **kwargs)
         finally:
             self.depth -= 1
-        if (
-            self.depth
-        ):  # inside an operation that is recorded itself (a composite one, e.g. in inference mode)
+        # Inside an operation that is recorded itself (a composite one, e.g. in inference mode): not again.
+        if self.depth:
             return out
         results = out if isinstance(out, tuple) else (out,)
         inputs = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}

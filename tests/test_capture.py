@@ -451,10 +451,7 @@ def test_the_course_optimizers_capturable_form_is_captured_and_follows_the_lectu
         runs[mode] = (net, step)
     assert runs["captured"][1].mode == "captured" and runs["captured"][1].replays == 3 * 7 - WARMUP_STEPS - 3
     assert_identical_parameters(runs["captured"][0], runs["capturable"][0])
-    for (n, p), q in zip(
-        runs["capturable"][0].named_parameters(), runs["plain"][0].parameters(), strict=True
-    ):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    assert_same_parameters(runs["capturable"][0], runs["plain"][0], rtol=1e-4, atol=1e-5)
 
 
 def test_a_captured_course_adam_run_resumes_exactly_and_its_checkpoint_also_resumes_eagerly(graphs, tmp_path):

@@ -109,14 +109,15 @@ def plain_loop(overrides: list[str], out: Path) -> torch.nn.Module:
     return net
 
 
-def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module, exactly: bool = False) -> None:
-    tolerance = {"rtol": 0, "atol": 0} if exactly else {"rtol": 1e-5, "atol": 1e-6}
+def assert_same_parameters(
+    a: torch.nn.Module, b: torch.nn.Module, rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(p, q, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def assert_identical_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    assert_same_parameters(a, b, exactly=True)
+    assert_same_parameters(a, b, rtol=0, atol=0)
 
 
 # The course's own optimizers run the same eager path as torch's: they are the slow tier (~3 s each).
