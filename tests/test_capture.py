@@ -200,8 +200,10 @@ def test_captured_runs_train_like_the_plain_loop(optimizer, graphs, tmp_path):
         ["optimizer=adam", "scheduler=plateau", "scheduler.patience=0", "scheduler.factor=0.5"],
         ["optimizer=adamw", "scheduler=cosine", "trainer.gradient_clip_val=0.05"],
         ["optimizer=adam", "trainer.precision=bf16-mixed", "scheduler=exponential", "scheduler.gamma=0.7"],
+        ["optimizer=momentum", "model.activation=tanh", "model.dropout=0.0", "model.init=xavier_normal"],
+        ["optimizer=sgd", "model.activation=leaky_relu", "trainer.channels_last=false"],
     ],
-    ids=["step", "plateau", "clip", "bf16-mixed"],
+    ids=["step", "plateau", "clip", "bf16-mixed", "tanh-no-dropout", "leaky-relu-nchw"],
 )
 def test_captured_runs_compute_bit_for_bit_what_eager_runs_do(extra, graphs, tmp_path):
     """Epoch schedules (the plateau one driven by validation), clipping of the total gradient norm inside the
