@@ -285,6 +285,8 @@ def test_train_py_reports_the_captured_step_and_logs_every_steps_own_loss(graphs
         assert metrics["step_mode"] == ("captured" if mode == "captured" else "eager (trainer.capture=false)")
         rows = csv.DictReader((out / "csv" / "metrics.csv").open())
         logged[mode] = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")}
+        # metrics.json keeps the last one logged (step 14, at 13 on the loggers' 0-based axis)
+        assert metrics["train/loss_step"] == logged[mode][13]
     assert sorted(logged["captured"]) == [1, 3, 5, 7, 9, 11, 13]
     assert logged["captured"] == logged["eager"]
     assert len(set(logged["captured"].values())) == 7

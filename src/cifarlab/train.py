@@ -281,6 +281,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         metrics.update(_float_metrics(trainer.callback_metrics))
+        if getattr(module, "last_step_loss", None) is not None:  # the last logged one (not a callback metric)
+            metrics["train/loss_step"] = module.last_step_loss
         pruned = any(getattr(cb, "pruned", False) for cb in sweep_callbacks)
         if cfg.test and not pruned:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
