@@ -20,6 +20,7 @@ from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep, optimizer_for_captu
 from cifarlab.train import build_datamodule, build_module, build_trainer, run
 from tests import graph_emulation
 from tests.conftest import compose_train
+from tests.test_course_optim import DEFAULT_KW
 from tests.test_step import (
     TINY,
     assert_identical_parameters,
@@ -415,19 +416,8 @@ def test_the_final_test_replays_the_graphs_on_the_best_checkpoints_weights(graph
 
 # ---- the course's own optimizers (cifarlab.optim), in their capturable form ---------------------------------
 
-COURSE_KW = {  # rates at which 3 epochs of the tiny net move every parameter
-    "ema_momentum": {"lr": 0.05},
-    "momentum": {"lr": 0.02},
-    "nesterov": {"lr": 0.02},
-    "adagrad": {"lr": 0.05},
-    "rmsprop": {"lr": 0.005},
-    "adam": {"lr": 0.005},
-    "decayed_gd": {"lr": 0.1, "decay": 0.99},
-    "grad_scaled_gd": {"lr": 0.1, "c": 0.2},
-}
 
-
-@pytest.mark.parametrize("name", sorted(COURSE_KW))
+@pytest.mark.parametrize("name", sorted(DEFAULT_KW))
 def test_the_course_optimizers_capturable_form_is_captured_and_follows_the_lecture(name, graphs):
     """optimizer_for_capture builds the course's optimizer with capturable=True (learning rate read from a
     device tensor, step counts and decayed rates on the device): captured, it replays bit for bit what the same
@@ -436,7 +426,7 @@ def test_the_course_optimizers_capturable_form_is_captured_and_follows_the_lectu
     from cifarlab.module import build_optimizer
     from cifarlab.optim import COURSE_OPTIMIZERS
 
-    factory = partial(COURSE_OPTIMIZERS[name], **COURSE_KW[name])
+    factory = partial(COURSE_OPTIMIZERS[name], **DEFAULT_KW[name])
     runs = {}
     for mode in ("plain", "capturable", "captured"):
         net = _tiny_net()
