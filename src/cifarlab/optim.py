@@ -109,6 +109,14 @@ class _CourseOptimizer(Optimizer):
         raise NotImplementedError
 
 
+def _lr_step(t: Tensor, x: Tensor, group: dict[str, Any]) -> None:
+    """t ← t − η·x, with η a float, or a device tensor when capturable."""
+    if group["capturable"]:
+        t.sub_(x.mul(group["lr"]))
+    else:
+        t.add_(x, alpha=-group["lr"])
+
+
 def _scaled_step(p: Tensor, num: Tensor, den: Tensor, group: dict[str, Any]) -> None:
     """θ ← θ − η·num/den, with η a float, or a device tensor when capturable."""
     if group["capturable"]:
@@ -143,10 +151,7 @@ class EMAMomentum(_CourseOptimizer):
         beta = group["beta"]
         v = state["velocity"]
         v.mul_(beta).add_(g, alpha=1.0 - beta)  # v ← βv + (1−β)g
-        if group["capturable"]:  # lr: a float or a device tensor
-            p.sub_(v.mul(group["lr"]))
-        else:
-            p.add_(v, alpha=-group["lr"])  # θ ← θ − η·v
+        _lr_step(p, v, group)  # θ ← θ − η·v
 
 
 class Momentum(_CourseOptimizer):
@@ -175,10 +180,7 @@ class Momentum(_CourseOptimizer):
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         m = state["momentum_buffer"]
-        if group["capturable"]:
-            m.mul_(group["momentum"]).sub_(g.mul(group["lr"]))
-        else:
-            m.mul_(group["momentum"]).add_(g, alpha=-group["lr"])  # m ← μ·m − η·g
+        _lr_step(m.mul_(group["momentum"]), g, group)  # m ← μ·m − η·g
         p.add_(m)  # θ ← θ + m
 
 
