@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifarlab.data import DeviceBatches
 from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep, optimizer_for_capture
-from cifarlab.train import build_datamodule, build_module, build_trainer, run
+from cifarlab.train import run
 from tests import graph_emulation
 from tests.conftest import compose_train
 from tests.test_course_optim import DEFAULT_KW
@@ -240,24 +240,14 @@ class _SeesGradientsEveryFourSteps(L.Callback):
         self.steps.append(trainer.global_step)
 
 
-def _fit_with(callback, overrides, out):
-    cfg = compose_train(overrides, out)
-    L.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm.num_classes)
-    trainer = build_trainer(cfg, out, extra_callbacks=[callback])
-    trainer.fit(module, datamodule=dm)
-    return module, trainer
-
-
 @pytest.mark.parametrize("callback", [_ChangesWeightDecay, _SeesGradientsEveryFourSteps])
 def test_a_baked_in_value_changed_mid_run_and_per_step_hooks_train_like_eager(callback, graphs, tmp_path):
     """A weight decay changed mid-run sends the rest of the run eager, and the summary says why; a callback's
     hook every 4 steps gets those steps eagerly, between replays. Either way: the parameters of the same run
     with trainer.capture=false."""
     overrides = TINY + ["optimizer=adam", "trainer.max_epochs=3", "callbacks.checkpoint=false"]
-    captured, trainer = _fit_with(callback(), overrides, tmp_path / "captured")
-    eager, _ = _fit_with(callback(), overrides + ["trainer.capture=false"], tmp_path / "eager")
+    captured, trainer = fit(overrides, tmp_path / "captured", callbacks=[callback()])
+    eager, _ = fit(overrides + ["trainer.capture=false"], tmp_path / "eager", callbacks=[callback()])
     assert eager.step_mode == "eager (trainer.capture=false)"
     if callback is _ChangesWeightDecay:
         assert captured.step_mode.startswith("captured, then eager (optimizer weight_decay changed")
@@ -379,7 +369,7 @@ def test_training_steps_read_from_the_device_only_where_they_log(capture, graphs
         "callbacks.checkpoint=false",
     ]
     counter = _CountsHostReads()
-    module, trainer = _fit_with(counter, overrides, tmp_path)
+    module, trainer = fit(overrides, tmp_path, callbacks=[counter])
     assert trainer.global_step == 21
     assert module.step_mode == ("captured" if capture == "auto" else "eager (trainer.capture=false)")
     assert counter.calls == [

@@ -46,14 +46,14 @@ TINY = [
 ]
 
 
-def fit(overrides: list[str], out: Path, ckpt_path: str | None = None):
-    """What train.run does, returning the module: seed, build, fit."""
+def fit(overrides: list[str], out: Path, ckpt_path: str | None = None, callbacks=()):
+    """What train.run does, returning the module: seed, build, fit (``callbacks`` added to the Trainer's)."""
     cfg = compose_train(overrides, out)
     validate(cfg)
     L.seed_everything(cfg.seed, verbose=False)
     dm = build_datamodule(cfg)
     module = build_module(cfg, dm.num_classes)
-    trainer = build_trainer(cfg, out)
+    trainer = build_trainer(cfg, out, extra_callbacks=callbacks)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return module, trainer
 
@@ -177,13 +177,8 @@ def test_steps_through_lightnings_optimizer_step_clip_there(tmp_path):
         "trainer.gradient_clip_val=0.05",
         "callbacks.checkpoint=false",
     ]
-    cfg = compose_train(overrides, tmp_path / "k")
-    L.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(cfg)
-    module = build_module(cfg, dm.num_classes)
     seen = SeesGradients()
-    trainer = build_trainer(cfg, tmp_path / "k", extra_callbacks=[seen])
-    trainer.fit(module, datamodule=dm)
+    module, trainer = fit(overrides, tmp_path / "k", callbacks=[seen])
     assert trainer.global_step == 14 and len(seen.norms) == 14
     assert max(seen.norms) > 0.05  # clipping had work to do, and the hook ran before it
     assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
