@@ -24,15 +24,11 @@ from pathlib import Path
 
 import torch
 
+from cifarlab.bench import sync
 from cifarlab.data import DeviceBatches, make_synthetic
 from cifarlab.model import CifarCNN, parameter_groups
 from cifarlab.module import build_optimizer
 from cifarlab.step import EvalStep, TrainStep, optimizer_for_capture
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
