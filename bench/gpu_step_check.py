@@ -6,7 +6,8 @@
 Trains the course CNN twice from the same weights on the same batch plans (augmentation and dropout on, a
 per-step cosine schedule so the learning rate changes every step): once eager, once with the step captured
 in a CUDA graph and replayed; with torch's Adam, SGD, RMSprop and the course's own Adam (in its capturable
-form both times). Prints (and writes as JSON) the largest parameter difference, relative to the
+form both times), and torch's Adam under a one-cycle schedule, which cycles β1 (read from a device tensor, in
+Adam's single-tensor capturable form, both times). Prints (and writes as JSON) the largest parameter difference, relative to the
 parameter's scale, for fp32 and bf16 autocast, and the step modes. Then evaluates the trained network with
 :class:`cifarlab.step.EvalStep` eager and captured (three passes each, a short last batch) and prints both
 (loss, accuracy) pairs, which should agree to float rounding.
@@ -35,16 +36,25 @@ def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
     from cifarlab.optim import Adam as CourseAdam
 
     classes = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
-    cls = {**classes, "course_adam": CourseAdam}[opt_name]  # the course's own, in its capturable form
+    classes = {**classes, "course_adam": CourseAdam, "adam_onecycle": torch.optim.Adam}
+    cls = classes[opt_name]
     kw = {"momentum": 0.9} if opt_name == "sgd" else {}
     factory = functools.partial(cls, lr=0.01 if opt_name == "sgd" else 1e-3, **kw)  # as Hydra builds it
     groups = parameter_groups(net, 1e-4)
     # the course's Adam in its capturable form both times: its plain form rounds differently, and in bf16 those
     # differences flip the signs of near-zero Adam steps (a 5% parameter difference after 8 steps on a CPU)
-    capturable_form = capture or opt_name.startswith("course")
-    opt = optimizer_for_capture(factory, groups) if capturable_form else build_optimizer(factory, groups)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    step = TrainStep(net, opt, capture=capture, autocast_dtype=dtype, clip_norm=5.0)
+    onecycle = opt_name.endswith("onecycle")
+    capturable_form = capture or opt_name.startswith("course") or onecycle
+    opt = (
+        optimizer_for_capture(factory, groups, device_momentum=onecycle)
+        if capturable_form
+        else build_optimizer(factory, groups)
+    )
+    if onecycle:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    step = TrainStep(net, opt, capture=capture, autocast_dtype=dtype, clip_norm=5.0, device_momentum=onecycle)
     torch.manual_seed(7)  # the CPU's generator and every GPU's
     plans = []
     while len(plans) < steps:
@@ -72,7 +82,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--emulate", action="store_true", help="on the CPU, with emulated CUDA graphs (a dry run)")
     args = p.parse_args()
-    optimizers = ("adam", "sgd", "rmsprop", "course_adam")
+    optimizers = ("adam", "sgd", "rmsprop", "course_adam", "adam_onecycle")
     dev = torch.device("cuda")
     if args.emulate:
         from _pytest.monkeypatch import MonkeyPatch
@@ -81,8 +91,7 @@ def main() -> None:
         from tests import graph_emulation
 
         graph_emulation.install(MonkeyPatch())
-        # torch's capturable RMSprop refuses CPU tensors
-        dev, optimizers = torch.device("cpu"), ("adam", "sgd", "course_adam")
+        dev = torch.device("cpu")
     torch.backends.cudnn.benchmark = True
     x, y = make_synthetic(64 * 20 + 40, seed=1)  # 20 full batches and a short one per epoch
     batches = DeviceBatches(

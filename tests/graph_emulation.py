@@ -21,6 +21,7 @@ a graph, the Philox offsets of the GPU's generator). ``bench/gpu_step_check.py``
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -167,3 +168,11 @@ def install(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(cifarlab.step, "GRAPH_DEVICES", ("cuda", "cpu"))
+    # torch's capturable optimizers check that their tensors are on a device with graphs: a CPU is one here.
+    for name in ("optimizer", "adam", "adamw", "nadam", "radam", "rmsprop", "sgd", "adamax", "asgd"):
+        module = importlib.import_module(f"torch.optim.{name}")
+        if hasattr(module, "_get_capturable_supported_devices"):
+            devices = module._get_capturable_supported_devices
+            monkeypatch.setattr(
+                module, "_get_capturable_supported_devices", lambda *a, d=devices, **k: [*d(*a, **k), "cpu"]
+            )

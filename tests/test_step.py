@@ -184,24 +184,47 @@ def test_steps_through_lightnings_optimizer_step_clip_there(tmp_path):
     assert_same_parameters(module.net, plain_loop(overrides, tmp_path / "plain"))
 
 
-@pytest.mark.parametrize("captured", [False, True], ids=["eager", "captured"])
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(captured, monkeypatch, tmp_path):
+class StopAfterEpochs(L.Callback):
+    """Stops the run after ``epochs`` epochs: an interrupted run whose schedule was planned for all of them."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(
+    "captured,schedule",
+    [(False, "exponential"), (True, "exponential"), (True, "onecycle")],
+    ids=["eager", "captured", "captured-onecycle"],
+)
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(captured, schedule, monkeypatch, tmp_path):
     """Stop after epoch 2 of 3, resume from last.ckpt: same step count, data order, dropout draws, schedule, and
-    bit for bit the same parameters; eager, and captured (CUDA graphs emulated: tests/graph_emulation.py)."""
+    bit for bit the same parameters; eager, and captured (CUDA graphs emulated: tests/graph_emulation.py), also
+    with a one-cycle schedule whose momentum the captured steps read from the device (the resumed run's first
+    steps are eager warm-up steps: they read the same device values)."""
     if captured:
         graph_emulation.install(monkeypatch)
-    base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]
-    full, full_trainer = fit(base + ["trainer.max_epochs=3"], tmp_path / "full")
-    fit(base + ["trainer.max_epochs=2"], tmp_path / "first")
+    if schedule == "exponential":
+        base = TINY + ["optimizer=adamw", "scheduler=exponential", "scheduler.gamma=0.7"]
+    else:
+        base = TINY + ["optimizer=adam", "scheduler=onecycle", "scheduler.max_lr=0.01"]
+    base += ["trainer.max_epochs=3"]
+    full, full_trainer = fit(base, tmp_path / "full")
+    fit(base, tmp_path / "first", callbacks=[StopAfterEpochs(2)])
     resumed, trainer = fit(
-        base + ["trainer.max_epochs=3"],
-        tmp_path / "second",
-        ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt"),
+        base, tmp_path / "second", ckpt_path=str(tmp_path / "first" / "checkpoints" / "last.ckpt")
     )
     mode = "captured" if captured else "eager (the device is cpu, not a CUDA GPU)"
     assert resumed.step_mode == full.step_mode == mode
+    assert resumed.device_momentum == (schedule == "onecycle")
     assert trainer.global_step == full_trainer.global_step == 21
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001 * 0.7**3)
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == full_trainer.optimizers[0].param_groups[0]["lr"]
+    if schedule == "exponential":
+        assert lr == pytest.approx(0.001 * 0.7**3)
     assert_identical_parameters(resumed.net, full.net)
 
 
@@ -249,10 +272,17 @@ def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
     assert "no capturable form" in capture_blocker(cuda, torch.optim.Adagrad)
     assert "16-mixed" in capture_blocker(cuda, torch.optim.Adam, "16-mixed")
     assert "DDP" in capture_blocker(cuda, torch.optim.Adam, world_size=2)
-    onecycle = torch.optim.lr_scheduler.OneCycleLR(
-        torch.optim.Adam([torch.zeros(1, requires_grad=True)]), max_lr=0.1, total_steps=10
+    # A one-cycle schedule cycles the momentum: captured where the optimizer reads it from the device.
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    onecycle = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=0.1, total_steps=10)
+    for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam):
+        assert capture_blocker(cuda, cls, scheduler=onecycle) is None
+    for name in ("momentum", "nesterov", "adam"):
+        assert capture_blocker(cuda, COURSE_OPTIMIZERS[name], scheduler=onecycle) is None
+    assert "cycles the momentum, which SGD reads on the host" in capture_blocker(
+        cuda, torch.optim.SGD, scheduler=onecycle
     )
-    assert "momentum" in capture_blocker(cuda, torch.optim.Adam, scheduler=onecycle)
+    assert "RMSprop reads on the host" in capture_blocker(cuda, torch.optim.RMSprop, scheduler=onecycle)
     # trainer.capture=true where it cannot apply: one line naming the setting, before any work
     for extra in (["trainer.accelerator=cpu"], ["optimizer=adagrad"], ["trainer=ddp"]):
         with pytest.raises(

@@ -17,7 +17,14 @@ import cifarlab.step
 from cifarlab.config import ConfigError
 from cifarlab.data import Chunk
 from cifarlab.model import parameter_groups
-from cifarlab.step import EvalStep, TrainStep, autocast_dtype, capture_blocker, optimizer_for_capture
+from cifarlab.step import (
+    EvalStep,
+    TrainStep,
+    autocast_dtype,
+    capture_blocker,
+    cycles_momentum,
+    optimizer_for_capture,
+)
 
 
 def build_optimizer(factory: Callable[..., torch.optim.Optimizer], params) -> torch.optim.Optimizer:
@@ -115,6 +122,8 @@ class CifarModule(L.LightningModule):
         self.gradient_clip_val, self.log_every_n_steps = gradient_clip_val, log_every_n_steps
         self.steps_per_call: int | None = None  # resolved in configure_optimizers; read by the datamodule
         self.capture, self.capture_reason = False, "not configured yet"
+        # True: the scheduler cycles the momentum (β1) and the captured step reads it from a device tensor
+        self.device_momentum = False
         self.stepper: TrainStep | None = None
         self._evaluator: EvalStep | None = None
         self.val_acc_best = MaxMetric()
@@ -156,6 +165,7 @@ class CifarModule(L.LightningModule):
             # Lightning's calls on every step only where they do more than hooks: DDP and fp16 scaling
             plain_eager=self.trainer.world_size == 1 and not precision.startswith("16"),
             framework_clips=True,  # on_before_optimizer_step below: after 16-mixed's unscale_
+            device_momentum=self.device_momentum,
         )
         # Callbacks with per-step hooks get them: their steps run eager (every_n_steps: only those steps).
         self._hook_periods = [
@@ -344,13 +354,8 @@ class CifarModule(L.LightningModule):
             device, factory_cls, str(trainer.precision), trainer.world_size, self.compile
         )
         self._decide_capture(blocker)
-        groups = parameter_groups(self.net, self.weight_decay)
-        optimizer = (
-            optimizer_for_capture(self.optimizer_factory, groups)
-            if self.capture
-            else build_optimizer(self.optimizer_factory, groups)
-        )
-        keep_implementation_on_load(optimizer)
+        self.device_momentum = False
+        optimizer = self._build_optimizer()
         datamodule = trainer.datamodule
         max_epochs = max(1, trainer.max_epochs or 1)
         if hasattr(datamodule, "train_steps_per_epoch"):
@@ -363,18 +368,33 @@ class CifarModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         schedule = dict(self.scheduler_factory(optimizer, steps_per_epoch, max_epochs))
+        if self.capture:
+            scheduler = schedule["scheduler"]
+            self._decide_capture(
+                capture_blocker(device, factory_cls, str(trainer.precision), scheduler=scheduler)
+            )
+            if self.capture and cycles_momentum(scheduler):
+                # The form that reads the cycled momentum from a device tensor, and its schedule, built afresh.
+                self.device_momentum = True
+                optimizer = self._build_optimizer()
+                schedule = dict(self.scheduler_factory(optimizer, steps_per_epoch, max_epochs))
         # Lightning drops these keys under manual optimization; the plateau step below reads them.
         self._monitor = (schedule.pop("monitor", None), schedule.pop("strict", True))
-        if self.capture:
-            self._decide_capture(
-                capture_blocker(device, factory_cls, str(trainer.precision), scheduler=schedule["scheduler"])
-            )
         return {"optimizer": optimizer, "lr_scheduler": schedule}
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        groups = parameter_groups(self.net, self.weight_decay)
+        if self.capture:
+            optimizer = optimizer_for_capture(self.optimizer_factory, groups, self.device_momentum)
+        else:
+            optimizer = build_optimizer(self.optimizer_factory, groups)
+        keep_implementation_on_load(optimizer)
+        return optimizer
 
     def _decide_capture(self, blocker: str | None) -> None:
         setting = self.capture_setting
         if setting is True and blocker is not None:
-            raise ConfigError(f"trainer.capture=true is not allowed here: {blocker}; allowed: auto, false")
+            raise ConfigError(f"trainer.capture=True is not allowed; allowed: auto or false here ({blocker})")
         if setting is False or str(setting).lower() == "false":
             self.capture, self.capture_reason = False, "trainer.capture=false"
         else:

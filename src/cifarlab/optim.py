@@ -18,7 +18,9 @@ generated from the signature.
 it) writes each rule so that its step can be recorded in a CUDA graph and replayed: the learning rate may be
 a device tensor (the captured step reads it from one), and step counters and decayed rates live on the
 parameter's device, so no value is read on the host and none is baked into the graph.  The same formula in
-tensor operations; the default path is unchanged.
+tensor operations; the default path is unchanged.  ``Momentum``, ``Nesterov`` and ``Adam`` also take the
+momentum (β1) as a device tensor there (``device_momentum``), so a one-cycle schedule, which cycles it, can
+run captured too.
 """
 
 from __future__ import annotations
@@ -176,6 +178,9 @@ class Momentum(_CourseOptimizer):
         _check("momentum", momentum, 0.0, 1.0)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, capturable)
 
+    # cifarlab.step.momentum_on_device: capturable, μ may be a device tensor too (a cycled one)
+    device_momentum = True
+
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -205,15 +210,17 @@ class Nesterov(_CourseOptimizer):
         _check("momentum", momentum, 0.0, 1.0)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, capturable)
 
+    device_momentum = True  # as Momentum's
+
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         mu, lr = group["momentum"], group["lr"]
         m = state["momentum_buffer"]
-        if group["capturable"]:
+        if group["capturable"]:  # η and μ floats or device tensors
             step = g.mul(lr)
             m.mul_(mu).sub_(step)
-            p.add_(m, alpha=mu).sub_(step)
+            p.add_(m.mul(mu)).sub_(step)
             return
         m.mul_(mu).add_(g, alpha=-lr)  # m ← μ·m − η·g
         p.add_(m, alpha=mu).add_(g, alpha=-lr)  # θ ← θ + μ·m − η·g
@@ -318,6 +325,8 @@ class Adam(_CourseOptimizer):
         }
         super().__init__(params, defaults, capturable)
 
+    device_momentum = True  # as Momentum's: β1
+
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if not state:
             state["step"] = 0
@@ -331,7 +340,10 @@ class Adam(_CourseOptimizer):
         state["step"] += 1
         t = state["step"]
         v, s = state["exp_avg"], state["exp_avg_sq"]
-        v.mul_(beta1).add_(g, alpha=1.0 - beta1)  # v ← β1·v + (1−β1)·g
+        if capturable:  # β1 a float or a device tensor
+            v.mul_(beta1).add_(g.mul(1.0 - beta1))
+        else:
+            v.mul_(beta1).add_(g, alpha=1.0 - beta1)  # v ← β1·v + (1−β1)·g
         s.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)  # s ← β2·s + (1−β2)·g²
         if group["bias_correction"]:
             bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t

@@ -13,14 +13,15 @@ What makes the replay compute the same thing as the eager step:
 - dropout draws from the default CUDA generator, whose Philox offset a replay advances like an eager step;
 - the learning rate is a device tensor the graph reads (capturable optimizers), written from the float in
   ``param_groups`` before a replay whenever a scheduler changed it, so every scheduler works unchanged;
-  any other hyperparameter is baked into the graph, so if one changes the step goes back to eager;
+  so is the momentum (β1) where a scheduler cycles it (one-cycle) and the optimizer can read it from the
+  device; any other hyperparameter is baked into the graph, so if one changes the step goes back to eager;
 - nothing inside synchronises with the host: the loss, the correct count and the batch count are summed
   into device tensors, read once per epoch (:meth:`TrainStep.epoch_metrics`).
 
 Eager remains where capture cannot apply (:func:`capture_blocker` says why): a CPU, an optimizer without a
 capturable form (torch's Adagrad; the course's own have one, :mod:`cifarlab.optim`), 16-mixed (its gradient
 scaler checks for infs on the host), DDP (its all-reduce runs in autograd hooks), ``trainer.compile`` and a
-scheduler that cycles momentum.
+scheduler that cycles the momentum of torch's SGD or RMSprop (they test it on the host).
 
 :class:`EvalStep` does the same for evaluation: forward, summed loss and correct predictions of a batch, on the
 device, captured per batch shape on a CUDA GPU; read once per validation or test.
@@ -39,6 +40,11 @@ from torch import nn
 # with ``capturable`` (step counters on the device), and SGD, which keeps no step counter. (The course's own,
 # cifarlab.optim, have a ``capturable`` form too: their classes say ``supports_capture``.)
 CAPTURABLE_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")
+# torch's optimizers whose single-tensor capturable form (foreach=False) reads β1 from a device tensor without a
+# host sync: with them a scheduler that cycles the momentum (OneCycleLR) runs captured, β1 refreshed like the
+# learning rate. Their fused and foreach forms read it on the host (``_foreach_lerp_`` takes no tensor weight);
+# torch's SGD and RMSprop test ``momentum != 0`` on the host. (The course's own: ``device_momentum``.)
+DEVICE_MOMENTUM_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam")
 WARMUP_STEPS = 3  # eager steps before the capture: cuDNN autotuning, lazy state (PyTorch's CUDA-graph notes)
 # Device types with CUDA graphs (the tests add "cpu" with tests/graph_emulation.py).
 GRAPH_DEVICES = ("cuda",)
@@ -66,16 +72,33 @@ def capture_blocker(
         return "DDP all-reduces gradients in its own autograd hooks"
     if compiled:
         return "trainer.compile=true (torch.compile brings its own CUDA graphs: mode=reduce-overhead)"
-    if getattr(scheduler, "cycle_momentum", False):
-        return "the scheduler cycles momentum/betas, which a captured step would bake in"
+    if cycles_momentum(scheduler) and not momentum_on_device(optimizer_cls):
+        return f"the scheduler cycles the momentum, which {name} reads on the host"
     return None
 
 
-def optimizer_for_capture(factory: Callable[..., torch.optim.Optimizer], params) -> torch.optim.Optimizer:
+def cycles_momentum(scheduler: object | None) -> bool:
+    """Whether ``scheduler`` writes a new momentum (β1) before every step: OneCycleLR, CyclicLR."""
+    return bool(getattr(scheduler, "cycle_momentum", False))
+
+
+def momentum_on_device(optimizer_cls: type) -> bool:
+    """Whether the capturable form of ``optimizer_cls`` can read its momentum (β1) from a device tensor."""
+    if optimizer_cls.__module__.split(".")[0] == "torch":
+        return optimizer_cls.__name__ in DEVICE_MOMENTUM_OPTIMIZERS
+    return getattr(optimizer_cls, "device_momentum", False)  # cifarlab.optim's
+
+
+def optimizer_for_capture(
+    factory: Callable[..., torch.optim.Optimizer], params, device_momentum: bool = False
+) -> torch.optim.Optimizer:
     """``factory(params)`` in a form whose step can be captured: fused or foreach, with ``capturable=True``
-    where the class has it (step counters on the device), in that order of preference."""
+    where the class has it (step counters on the device), in that order of preference. ``device_momentum``:
+    the form that reads β1 from a device tensor (:func:`momentum_on_device`), the single-tensor one."""
     cls = getattr(factory, "func", factory)
     options = [{"fused": True}, {"foreach": True}, {}]
+    if device_momentum:
+        options = [{"foreach": False}, {}]  # {}: the course's, which have no foreach argument
     if cls.__name__ != "SGD":
         options = [{**o, "capturable": True} for o in options]
     params = list(params)
@@ -142,8 +165,12 @@ class TrainStep:
         optimizer_step: Callable[[], None] | None = None,
         plain_eager: bool = True,
         framework_clips: bool = False,
+        device_momentum: bool = False,
     ) -> None:
         self.net, self.optimizer = net, optimizer
+        # True: a scheduler cycles the momentum (β1) and the optimizer reads it from a device tensor, refreshed
+        # before a replay like the learning rate (optimizer_for_capture(..., device_momentum=True) built it).
+        self.device_momentum = device_momentum
         # True: the framework's optimizer_step calls clip() itself, after it unscales fp16 gradients (Lightning:
         # its on_before_optimizer_step hook runs after GradScaler.unscale_); clipping here, before, would clip
         # the gradients still multiplied by the loss scale.
@@ -155,6 +182,7 @@ class TrainStep:
         self.eager_reason: str | None = None  # why capture was given up during the run, if it was
         self.steps = self.replays = 0
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._hyper: _DeviceHyperparameters | None = None
         device = next(net.parameters()).device
         # The epoch's sums: loss over batches and correct predictions on the device (no host sync);
         # images and batches on the host (known there).
@@ -189,9 +217,22 @@ class TrainStep:
         loss = self._forward_backward(source, plan, self.backward if framework else torch.Tensor.backward)
         if not (framework and self.framework_clips):
             self.clip()
-        (self.optimizer_step if framework else self.optimizer.step)()
+        with self._device_values():
+            (self.optimizer_step if framework else self.optimizer.step)()
         self.steps += 1
         return loss, framework
+
+    def _device_values(self):
+        """Where a scheduler cycles the momentum, every optimizer step of the run reads the learning rate and β1
+        from the device tensors, eager ones too: one arithmetic for the whole run (a float β1 rounds 1 − β1
+        differently from a float32 tensor), so a resumed run, whose first steps are eager, ends bit for bit
+        where an uninterrupted one does."""
+        if not self.device_momentum:
+            return contextlib.nullcontext()
+        if self._hyper is None:
+            self._hyper = _DeviceHyperparameters(self.optimizer, momentum=True)
+        self._hyper.refresh()  # a changed baked value matters to a replay only: __call__ checks it there
+        return self._hyper.swapped_in()
 
     def _captured_body(self, source) -> torch.Tensor:
         loss = self._forward_backward(source, self._plan, torch.Tensor.backward)
@@ -217,7 +258,7 @@ class TrainStep:
                 return self.eager(source, plan)
         if plan.shape != self._plan.shape or source.images.data_ptr() != self._images_ptr:
             return self.eager(source, plan)  # e.g. the shorter last batch of an epoch
-        changed = self._lr.refresh()
+        changed = self._hyper.refresh()
         if changed:
             self.capture, self.eager_reason = False, changed
             return self.eager(source, plan)
@@ -230,12 +271,15 @@ class TrainStep:
     def _capture(self, source, plan: torch.Tensor) -> None:
         self._plan = plan.clone()  # (4, B) static input: the plan of every replayed step is copied here
         self._images_ptr = source.images.data_ptr()
-        self._lr = _DeviceLearningRates(self.optimizer)
+        if self._hyper is None:  # else made by the warm-up steps (device_momentum)
+            self._hyper = _DeviceHyperparameters(self.optimizer, self.device_momentum)
+        self._hyper.refresh()
+        self._hyper.bake()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
         graph = torch.cuda.CUDAGraph()
         try:
             # Kernels are recorded, not run: the step of `plan` happens at the first replay.
-            with self._lr.swapped_in(), torch.cuda.graph(graph):
+            with self._hyper.swapped_in(), torch.cuda.graph(graph):
                 self._loss = self._captured_body(source)
         except Exception as err:  # noqa: BLE001 - anything that cannot be captured: eager, and say why
             self.capture, self.eager_reason = False, f"capture failed ({type(err).__name__}: {err})"
@@ -349,8 +393,9 @@ class EvalStep:
         return loss_sum / images, correct / images
 
 
-class _DeviceLearningRates:
-    """The learning rate of every parameter group as a device tensor that the captured step reads.
+class _DeviceHyperparameters:
+    """The learning rate of every parameter group as a device tensor that the captured step reads, and the
+    momentum (β1: ``betas[0]``, or ``momentum``) too where a scheduler cycles it (``momentum=True``).
 
     Schedulers keep writing plain floats into ``param_groups`` (so they, Lightning and checkpoints see what
     they always saw); :meth:`refresh` copies a changed float into its tensor before a replay (``fill_``: a
@@ -358,39 +403,73 @@ class _DeviceLearningRates:
     :meth:`refresh` says which, and the step goes back to eager.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, momentum: bool = False) -> None:
         self.groups = optimizer.param_groups
         device = self.groups[0]["params"][0].device
-        self.values = [float(g["lr"]) for g in self.groups]
         # In the dtype the fused kernels read: float32 on CUDA (their lr pointer is a float*), float64 on a CPU
         # (the fused CPU kernels compute with a double lr: a float32 one moved Adam's results by an ulp a step).
         dtype = torch.float32 if device.type == "cuda" else torch.float64
-        self.tensors = [torch.tensor(v, dtype=dtype, device=device) for v in self.values]
+        self.keys = ["lr"] + (["momentum"] if momentum else [])
+        self.values = [{k: _get(g, k) for k in self.keys} for g in self.groups]
+        # β1/momentum in float32 everywhere: torch's Adam casts it to the parameters' dtype anyway.
+        dtypes = {"lr": dtype, "momentum": torch.float32}
+        self.tensors = [
+            {k: torch.tensor(v, dtype=dtypes[k], device=device) for k, v in values.items()}
+            for values in self.values
+        ]
+        self.bake()
+
+    def bake(self) -> None:
+        """Note the numbers a capture now bakes in (every one but the device values)."""
         self.baked = [self._numbers(g) for g in self.groups]
 
-    @staticmethod
-    def _numbers(group: dict) -> dict:
-        return {
-            k: v for k, v in group.items() if k not in ("params", "lr") and isinstance(v, (int, float, tuple))
-        }
+    def _numbers(self, group: dict) -> dict:
+        numbers = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, tuple))}
+        numbers.pop("lr")
+        if "momentum" in self.keys:  # what stays baked: β2
+            numbers.pop("momentum", None)
+            if "betas" in numbers:
+                numbers["betas"] = numbers["betas"][1:]
+        return numbers
 
     @contextlib.contextmanager
     def swapped_in(self):
-        for group, tensor in zip(self.groups, self.tensors, strict=True):
-            group["lr"] = tensor
+        """The device tensors in ``param_groups`` for the block (call :meth:`refresh` first); the floats back
+        after it."""
+        floats = [{key: _get(group, key) for key in self.keys} for group in self.groups]
+        for group, tensors in zip(self.groups, self.tensors, strict=True):
+            for key, tensor in tensors.items():
+                _set(group, key, tensor)
         try:
             yield
         finally:
-            for group, value in zip(self.groups, self.values, strict=True):
-                group["lr"] = value
+            for group, values in zip(self.groups, floats, strict=True):
+                for key, value in values.items():
+                    _set(group, key, value)
 
     def refresh(self) -> str | None:
         for i, group in enumerate(self.groups):
-            if group["lr"] != self.values[i]:
-                self.values[i] = float(group["lr"])
-                self.tensors[i].fill_(self.values[i])
+            for key, tensor in self.tensors[i].items():
+                value = _get(group, key)
+                if value != self.values[i][key]:
+                    self.values[i][key] = value
+                    tensor.fill_(value)
             numbers = self._numbers(group)
             if numbers != self.baked[i]:
                 key = next(k for k in numbers if numbers[k] != self.baked[i].get(k))
                 return f"optimizer {key} changed during the run and a captured step would bake it in"
         return None
+
+
+def _get(group: dict, key: str) -> float:
+    """A group's lr or momentum (β1 for the Adam family) as a float."""
+    if key == "momentum" and "betas" in group:
+        return float(group["betas"][0])
+    return float(group[key])
+
+
+def _set(group: dict, key: str, value) -> None:
+    if key == "momentum" and "betas" in group:
+        group["betas"] = (value, *group["betas"][1:])
+    else:
+        group[key] = value
