@@ -6,8 +6,8 @@
 Trains the course CNN twice from the same weights on the same batch plans (augmentation and dropout on, a
 per-step cosine schedule so the learning rate changes every step): once eager, once with the step captured
 in a CUDA graph and replayed; with torch's Adam, SGD, RMSprop and the course's own Adam (in its capturable
-form both times), and torch's Adam under a one-cycle schedule, which cycles β1 (read from a device tensor, in
-Adam's single-tensor capturable form, both times). Prints (and writes as JSON) the largest parameter difference, relative to the
+form both times), and torch's Adam and Nesterov SGD under a one-cycle schedule, which cycles β1 / the momentum
+(read from a device tensor, in the form that can: Adam's single-tensor capturable one, DeviceMomentumSGD). Prints (and writes as JSON) the largest parameter difference, relative to the
 parameter's scale, for fp32 and bf16 autocast, and the step modes. Then evaluates the trained network with
 :class:`cifarlab.step.EvalStep` eager and captured (three passes each, a short last batch) and prints both
 (loss, accuracy) pairs, which should agree to float rounding.
@@ -37,9 +37,12 @@ def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
 
     classes = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
     classes = {**classes, "course_adam": CourseAdam, "adam_onecycle": torch.optim.Adam}
+    classes["nesterov_onecycle"] = torch.optim.SGD
     cls = classes[opt_name]
-    kw = {"momentum": 0.9} if opt_name == "sgd" else {}
-    factory = functools.partial(cls, lr=0.01 if opt_name == "sgd" else 1e-3, **kw)  # as Hydra builds it
+    kw = {"momentum": 0.9} if cls is torch.optim.SGD else {}
+    kw = {**kw, "nesterov": True} if opt_name.startswith("nesterov") else kw
+    lr = 0.01 if cls is torch.optim.SGD else 1e-3
+    factory = functools.partial(cls, lr=lr, **kw)  # as Hydra builds it
     groups = parameter_groups(net, 1e-4)
     # the course's Adam in its capturable form both times: its plain form rounds differently, and in bf16 those
     # differences flip the signs of near-zero Adam steps (a 5% parameter difference after 8 steps on a CPU)
@@ -51,7 +54,7 @@ def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
         else build_optimizer(factory, groups)
     )
     if onecycle:
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     step = TrainStep(net, opt, capture=capture, autocast_dtype=dtype, clip_norm=5.0, device_momentum=onecycle)
@@ -82,7 +85,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--emulate", action="store_true", help="on the CPU, with emulated CUDA graphs (a dry run)")
     args = p.parse_args()
-    optimizers = ("adam", "sgd", "rmsprop", "course_adam", "adam_onecycle")
+    optimizers = ("adam", "sgd", "rmsprop", "course_adam", "adam_onecycle", "nesterov_onecycle")
     dev = torch.device("cuda")
     if args.emulate:
         from _pytest.monkeypatch import MonkeyPatch

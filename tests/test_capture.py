@@ -158,6 +158,8 @@ CYCLED = {  # a one-cycle schedule cycles these optimizers' momentum (β1), read
     "adamw": partial(torch.optim.AdamW, lr=0.01, weight_decay=0.05),
     "nadam": partial(torch.optim.NAdam, lr=0.01),
     "radam": partial(torch.optim.RAdam, lr=0.01),
+    "momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.01),  # as DeviceMomentumSGD
+    "nesterov": partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True),
     "course/momentum": partial(COURSE_OPTIMIZERS["momentum"], lr=0.05),
     "course/nesterov": partial(COURSE_OPTIMIZERS["nesterov"], lr=0.05),
     "course/adam": partial(COURSE_OPTIMIZERS["adam"], lr=0.01),
@@ -178,19 +180,21 @@ def test_a_captured_step_follows_a_one_cycle_schedules_momentum_and_every_captur
 ):
     """One-cycle changes the momentum (β1) before every step: the captured step reads it from a device tensor
     refreshed before each replay, as the learning rate; each step then computes what an eager step with the
-    floats does (to float rounding: 1 - β1 from a float32 tensor). RMSprop, NAdam, RAdam: torch's foreach
-    capturable form, under a cosine schedule."""
+    floats does (to float rounding: 1 - β1 from a float32 tensor; for SGD, DeviceMomentumSGD against torch's
+    own step). RMSprop, NAdam, RAdam: torch's foreach capturable form, under a cosine schedule."""
     factory = (CYCLED if schedule == "onecycle" else FOREACH_CAPTURABLE)[name]
+    onecycle = schedule == "onecycle"
     runs = {}
     for capture in (False, True):
         net = _tiny_net()
-        opt = optimizer_for_capture(factory, net.parameters(), device_momentum=schedule == "onecycle")
-        if schedule == "onecycle":
+        opt = optimizer_for_capture(factory, net.parameters(), device_momentum=onecycle)
+        if onecycle:
             plan = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=factory.keywords["lr"], total_steps=21)
             assert plan.cycle_momentum
         else:
             plan = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=21)
-        step = TrainStep(net, opt, capture=capture, device_momentum=schedule == "onecycle")
+        # the eager run with the floats: the device values only where the step is captured
+        step = TrainStep(net, opt, capture=capture, device_momentum=capture and onecycle)
         torch.manual_seed(5)
         runs[capture] = (net, _train(step, _batches(), epochs=3, schedule=plan), step)
     (net, losses, step), (eager_net, eager_losses, _) = runs[True], runs[False]
@@ -335,51 +339,55 @@ def test_train_py_reports_the_captured_step_and_logs_every_steps_own_loss(graphs
     assert len(set(logged["captured"].values())) == 7
 
 
-def test_a_one_cycle_run_is_captured_where_the_optimizer_reads_its_momentum_from_the_device(graphs, tmp_path):
-    """optimizer=adamw scheduler=onecycle: captured, every replay computing bit for bit what the same run's steps
-    compute when all of them are eager. torch's SGD tests its momentum on the host: a one-cycle run of it is
-    eager, the summary says why, and trainer.capture=true says so in one line."""
-    overrides = TINY + [
-        "optimizer=adamw",
-        "scheduler=onecycle",
-        "trainer.max_epochs=3",
-        "callbacks.checkpoint=false",
-    ]
+@pytest.mark.parametrize("optimizer", ["nesterov", "adamw"])
+def test_a_one_cycle_run_is_captured_where_the_optimizer_reads_its_momentum_from_the_device(
+    optimizer, graphs, tmp_path
+):
+    """scheduler=onecycle with torch's Nesterov SGD and AdamW: captured, every replay computing bit for bit what
+    the same run's steps compute when all of them are eager. torch's RMSprop tests its momentum on the host: a
+    one-cycle run of it is eager, the summary says why, and trainer.capture=true says so in one line."""
+    overrides = TINY + [f"optimizer={optimizer}", "scheduler=onecycle", "trainer.max_epochs=3"]
+    overrides += ["callbacks.checkpoint=false"]
     captured, trainer = fit(overrides, tmp_path / "captured")
     assert captured.step_mode == "captured" and captured.device_momentum
+    expected = cifarlab.step.DeviceMomentumSGD if optimizer == "nesterov" else torch.optim.AdamW
+    assert type(trainer.optimizers[0]) is expected
     assert captured.stepper.replays == 21 - WARMUP_STEPS - 3
     graphs.setattr(cifarlab.step, "WARMUP_STEPS", 10**6)  # every step eager, reading the same device values
     eager, _ = fit(overrides, tmp_path / "eager")
     assert eager.stepper.replays == 0 and eager.stepper.steps == 21
     assert_identical_parameters(captured.net, eager.net)
+    if optimizer != "nesterov":
+        return
 
-    sgd = TINY + [
-        "optimizer=nesterov",
+    rmsprop = TINY + [
+        "optimizer=rmsprop",
+        "optimizer.momentum=0.9",
         "scheduler=onecycle",
         "trainer.max_epochs=1",
-        "callbacks.checkpoint=false",
     ]
-    run(compose_train(sgd, tmp_path / "sgd"))
-    metrics = json.loads((tmp_path / "sgd" / "metrics.json").read_text())
-    assert metrics["step_mode"].startswith(
-        "eager (the scheduler cycles the momentum, which SGD reads on the host"
+    rmsprop += ["callbacks.checkpoint=false"]
+    run(compose_train(rmsprop, tmp_path / "rmsprop"))
+    metrics = json.loads((tmp_path / "rmsprop" / "metrics.json").read_text())
+    assert (
+        metrics["step_mode"] == "eager (the scheduler cycles the momentum, which RMSprop reads on the host)"
     )
     # refused before any work by the config check, and by the module's once it has built the schedule
-    forced = [o.replace("accelerator=cpu", "accelerator=auto") for o in sgd] + ["trainer.capture=true"]
+    forced = [o.replace("accelerator=cpu", "accelerator=auto") for o in rmsprop] + ["trainer.capture=true"]
     with pytest.raises(ConfigError) as err:
-        validate(compose_train(forced, tmp_path / "sgd-forced"))
+        validate(compose_train(forced, tmp_path / "forced"))
     assert str(err.value) == (
         "trainer.capture=True is not allowed; allowed: auto or false here (scheduler=onecycle cycles the "
-        "momentum, which SGD reads on the host)"
+        "momentum, which RMSprop reads on the host)"
     )
     graphs.setattr(cifarlab.config, "_capture_blocker", lambda cfg: None)
     with pytest.raises(ConfigError) as err:
-        run(compose_train(forced, tmp_path / "sgd-forced"))
+        run(compose_train(forced, tmp_path / "forced"))
     assert str(err.value) == (
         "trainer.capture=True is not allowed; allowed: auto or false here (the scheduler cycles the momentum, "
-        "which SGD reads on the host)"
+        "which RMSprop reads on the host)"
     )
-    assert not (tmp_path / "sgd-forced" / "checkpoints").exists()
+    assert not (tmp_path / "forced" / "checkpoints").exists()
 
 
 @pytest.mark.slow
@@ -408,7 +416,7 @@ def test_the_gpu_step_check_runs_here_on_emulated_graphs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checks = json.loads(out.read_text())
-    optimizers = ("adam", "course_adam", "sgd", "rmsprop", "adam_onecycle")
+    optimizers = ("adam", "course_adam", "sgd", "rmsprop", "adam_onecycle", "nesterov_onecycle")
     runs = [f"{o}-{d}" for o in optimizers for d in ("bf16", "fp32")]
     assert sorted(checks) == sorted([*runs, "eval-bf16", "eval-fp32"])
     for key in runs:

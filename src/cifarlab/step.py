@@ -21,7 +21,7 @@ What makes the replay compute the same thing as the eager step:
 Eager remains where capture cannot apply (:func:`capture_blocker` says why): a CPU, an optimizer without a
 capturable form (torch's Adagrad; the course's own have one, :mod:`cifarlab.optim`), 16-mixed (its gradient
 scaler checks for infs on the host), DDP (its all-reduce runs in autograd hooks), ``trainer.compile`` and a
-scheduler that cycles the momentum of torch's SGD or RMSprop (they test it on the host).
+scheduler that cycles the momentum of torch's RMSprop (it tests it on the host).
 
 :class:`EvalStep` does the same for evaluation: forward, summed loss and correct predictions of a batch, on the
 device, captured per batch shape on a CUDA GPU; read once per validation or test.
@@ -40,11 +40,12 @@ from torch import nn
 # with ``capturable`` (step counters on the device), and SGD, which keeps no step counter. (The course's own,
 # cifarlab.optim, have a ``capturable`` form too: their classes say ``supports_capture``.)
 CAPTURABLE_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")
-# torch's optimizers whose single-tensor capturable form (foreach=False) reads β1 from a device tensor without a
-# host sync: with them a scheduler that cycles the momentum (OneCycleLR) runs captured, β1 refreshed like the
-# learning rate. Their fused and foreach forms read it on the host (``_foreach_lerp_`` takes no tensor weight);
-# torch's SGD and RMSprop test ``momentum != 0`` on the host. (The course's own: ``device_momentum``.)
-DEVICE_MOMENTUM_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam")
+# torch's optimizers whose capturable form can read the momentum (β1) from a device tensor without a host sync:
+# with them a scheduler that cycles it (OneCycleLR) runs captured, β1 refreshed like the learning rate. The Adam
+# family in its single-tensor form (foreach=False; the fused and foreach forms read β1 on the host:
+# ``_foreach_lerp_`` takes no tensor weight); SGD as :class:`DeviceMomentumSGD`. torch's RMSprop tests
+# ``momentum > 0`` on the host. (The course's own: ``device_momentum``.)
+DEVICE_MOMENTUM_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "SGD")
 WARMUP_STEPS = 3  # eager steps before the capture: cuDNN autotuning, lazy state (PyTorch's CUDA-graph notes)
 # Device types with CUDA graphs (the tests add "cpu" with tests/graph_emulation.py).
 GRAPH_DEVICES = ("cuda",)
@@ -96,6 +97,8 @@ def optimizer_for_capture(
     where the class has it (step counters on the device), in that order of preference. ``device_momentum``:
     the form that reads β1 from a device tensor (:func:`momentum_on_device`), the single-tensor one."""
     cls = getattr(factory, "func", factory)
+    if device_momentum and cls is torch.optim.SGD:
+        return DeviceMomentumSGD(params, *getattr(factory, "args", ()), **getattr(factory, "keywords", {}))
     options = [{"fused": True}, {"foreach": True}, {}]
     if device_momentum:
         options = [{"foreach": False}, {}]  # {}: the course's, which have no foreach argument
@@ -108,6 +111,43 @@ def optimizer_for_capture(
         except (RuntimeError, ValueError, TypeError):
             continue
     raise RuntimeError(f"{cls.__name__} could not be built in a capturable form")
+
+
+class DeviceMomentumSGD(torch.optim.SGD):
+    """torch's SGD whose step also runs with the learning rate and momentum as device tensors, no host sync: a
+    captured step under a one-cycle schedule needs that, and torch's own step tests ``momentum != 0`` on the
+    host and hands both to its kernels as host numbers. Same update, same state (``momentum_buffer``, so
+    checkpoints load either way); with float hyperparameters it is torch's step. Per parameter::
+
+        g ← ∇θ + wd·θ;   b ← g at the first step, then b ← μ·b + (1 − dampening)·g;
+        d = g + μ·b (Nesterov) or b;   θ ← θ − η·d
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not any(isinstance(g["momentum"], torch.Tensor) for g in self.param_groups):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                state = self.state[p]
+                b = state.get("momentum_buffer")
+                if b is None:  # a first step: in a warm-up step, before any capture
+                    b = state["momentum_buffer"] = g.detach().clone()
+                else:
+                    b.mul_(mu).add_(g, alpha=1 - group["dampening"])
+                d = g.add(b.mul(mu)) if group["nesterov"] else b
+                p.sub_(d.mul(lr))
+        return loss
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
