@@ -125,7 +125,7 @@ class DeviceMomentumSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not any(isinstance(g["momentum"], torch.Tensor) for g in self.param_groups):
+        if not any(isinstance(g[k], torch.Tensor) for g in self.param_groups for k in ("lr", "momentum")):
             return super().step(closure)
         loss = None
         if closure is not None:
