@@ -5,12 +5,13 @@
 
 Trains the course CNN twice from the same weights on the same batch plans (augmentation and dropout on, a
 per-step cosine schedule so the learning rate changes every step): once eager, once with the step captured
-in a CUDA graph and replayed; with torch's Adam, SGD, RMSprop and the course's own Adam (in its capturable
-form both times), and torch's Adam and Nesterov SGD under a one-cycle schedule, which cycles β1 / the momentum
-(read from a device tensor, in the form that can: Adam's single-tensor capturable one, DeviceMomentumSGD). Prints (and writes as JSON) the largest parameter difference, relative to the
-parameter's scale, for fp32 and bf16 autocast, and the step modes. Then evaluates the trained network with
-:class:`cifarlab.step.EvalStep` eager and captured (three passes each, a short last batch) and prints both
-(loss, accuracy) pairs, which should agree to float rounding.
+in a CUDA graph and replayed; with torch's Adam, SGD, RMSprop, Adagrad (as CapturableAdagrad both times) and
+the course's own Adam (in its capturable form both times), and torch's Adam and Nesterov SGD under a one-cycle
+schedule, which cycles β1 / the momentum (read from a device tensor, in the form that can: Adam's
+single-tensor capturable one, DeviceMomentumSGD, both times). Prints (and writes as JSON) the largest
+parameter difference, relative to the parameter's scale, for fp32 and bf16 autocast, and the step modes.
+Then evaluates the trained network with :class:`cifarlab.step.EvalStep` eager and captured (three passes
+each, a short last batch) and prints both (loss, accuracy) pairs, which should agree to float rounding.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from pathlib import Path
 import torch
 
 from cifarlab.bench import sync
+from cifarlab.capturable import optimizer_for_capture
 from cifarlab.data import DeviceBatches, make_synthetic
 from cifarlab.model import CifarCNN, parameter_groups
 from cifarlab.module import build_optimizer
-from cifarlab.step import EvalStep, TrainStep, optimizer_for_capture
+from cifarlab.step import EvalStep, TrainStep
 
 
 def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
@@ -37,7 +39,7 @@ def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
 
     classes = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}
     classes = {**classes, "course_adam": CourseAdam, "adam_onecycle": torch.optim.Adam}
-    classes["nesterov_onecycle"] = torch.optim.SGD
+    classes.update(nesterov_onecycle=torch.optim.SGD, adagrad=torch.optim.Adagrad)
     cls = classes[opt_name]
     kw = {"momentum": 0.9} if cls is torch.optim.SGD else {}
     kw = {**kw, "nesterov": True} if opt_name.startswith("nesterov") else kw
@@ -47,7 +49,7 @@ def train(net, capture: bool, batches, steps: int, dtype, opt_name: str):
     # the course's Adam in its capturable form both times: its plain form rounds differently, and in bf16 those
     # differences flip the signs of near-zero Adam steps (a 5% parameter difference after 8 steps on a CPU)
     onecycle = opt_name.endswith("onecycle")
-    capturable_form = capture or opt_name.startswith("course") or onecycle
+    capturable_form = capture or opt_name in ("course_adam", "adagrad") or onecycle
     opt = (
         optimizer_for_capture(factory, groups, device_momentum=onecycle)
         if capturable_form
@@ -85,7 +87,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--emulate", action="store_true", help="on the CPU, with emulated CUDA graphs (a dry run)")
     args = p.parse_args()
-    optimizers = ("adam", "sgd", "rmsprop", "course_adam", "adam_onecycle", "nesterov_onecycle")
+    optimizers = ("adam", "sgd", "rmsprop", "adagrad", "course_adam", "adam_onecycle", "nesterov_onecycle")
     dev = torch.device("cuda")
     if args.emulate:
         from _pytest.monkeypatch import MonkeyPatch

@@ -17,10 +17,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cifarlab.config
 import cifarlab.step
+from cifarlab.capturable import CapturableAdagrad, DeviceMomentumSGD, optimizer_for_capture
 from cifarlab.config import ConfigError, validate
 from cifarlab.data import DeviceBatches
 from cifarlab.optim import COURSE_OPTIMIZERS
-from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep, optimizer_for_capture
+from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep
 from cifarlab.train import run
 from tests import graph_emulation
 from tests.conftest import compose_train
@@ -168,6 +169,7 @@ FOREACH_CAPTURABLE = {  # captured in their foreach form (the emulation lets the
     "rmsprop": partial(torch.optim.RMSprop, lr=0.01, momentum=0.5),
     "nadam": partial(torch.optim.NAdam, lr=0.01),
     "radam": partial(torch.optim.RAdam, lr=0.01),
+    "adagrad": partial(torch.optim.Adagrad, lr=0.05, lr_decay=0.01, weight_decay=0.01),  # CapturableAdagrad
 }
 
 
@@ -339,19 +341,22 @@ def test_train_py_reports_the_captured_step_and_logs_every_steps_own_loss(graphs
     assert len(set(logged["captured"].values())) == 7
 
 
-@pytest.mark.parametrize("optimizer", ["nesterov", "adamw"])
-def test_a_one_cycle_run_is_captured_where_the_optimizer_reads_its_momentum_from_the_device(
-    optimizer, graphs, tmp_path
+@pytest.mark.parametrize(
+    "optimizer,schedule", [("nesterov", "onecycle"), ("adamw", "onecycle"), ("adagrad", "cosine")]
+)
+def test_cifarlabs_capturable_forms_run_captured_and_replay_what_their_eager_steps_compute(
+    optimizer, schedule, graphs, tmp_path
 ):
-    """scheduler=onecycle with torch's Nesterov SGD and AdamW: captured, every replay computing bit for bit what
-    the same run's steps compute when all of them are eager. torch's RMSprop tests its momentum on the host: a
-    one-cycle run of it is eager, the summary says why, and trainer.capture=true says so in one line."""
-    overrides = TINY + [f"optimizer={optimizer}", "scheduler=onecycle", "trainer.max_epochs=3"]
+    """scheduler=onecycle with torch's Nesterov SGD and AdamW, and torch's Adagrad (CapturableAdagrad): captured,
+    every replay computing bit for bit what the same run's steps compute when all of them are eager. torch's
+    RMSprop tests its momentum on the host: a one-cycle run of it is eager, the summary says why, and
+    trainer.capture=true says so in one line."""
+    overrides = TINY + [f"optimizer={optimizer}", f"scheduler={schedule}", "trainer.max_epochs=3"]
     overrides += ["callbacks.checkpoint=false"]
     captured, trainer = fit(overrides, tmp_path / "captured")
-    assert captured.step_mode == "captured" and captured.device_momentum
-    expected = cifarlab.step.DeviceMomentumSGD if optimizer == "nesterov" else torch.optim.AdamW
-    assert type(trainer.optimizers[0]) is expected
+    assert captured.step_mode == "captured" and captured.device_momentum == (schedule == "onecycle")
+    expected = {"nesterov": DeviceMomentumSGD, "adamw": torch.optim.AdamW, "adagrad": CapturableAdagrad}
+    assert type(trainer.optimizers[0]) is expected[optimizer]
     assert captured.stepper.replays == 21 - WARMUP_STEPS - 3
     graphs.setattr(cifarlab.step, "WARMUP_STEPS", 10**6)  # every step eager, reading the same device values
     eager, _ = fit(overrides, tmp_path / "eager")
@@ -416,7 +421,7 @@ def test_the_gpu_step_check_runs_here_on_emulated_graphs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checks = json.loads(out.read_text())
-    optimizers = ("adam", "course_adam", "sgd", "rmsprop", "adam_onecycle", "nesterov_onecycle")
+    optimizers = ("adam", "course_adam", "sgd", "rmsprop", "adagrad", "adam_onecycle", "nesterov_onecycle")
     runs = [f"{o}-{d}" for o in optimizers for d in ("bf16", "fp32")]
     assert sorted(checks) == sorted([*runs, "eval-bf16", "eval-fp32"])
     for key in runs:

@@ -269,7 +269,8 @@ def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
     from cifarlab.optim import COURSE_OPTIMIZERS
 
     assert all(capture_blocker(cuda, cls) is None for cls in COURSE_OPTIMIZERS.values())
-    assert "no capturable form" in capture_blocker(cuda, torch.optim.Adagrad)
+    assert capture_blocker(cuda, torch.optim.Adagrad) is None  # as cifarlab.capturable.CapturableAdagrad
+    assert capture_blocker(cuda, torch.optim.LBFGS) == "torch.optim.lbfgs.LBFGS has no capturable form"
     assert "16-mixed" in capture_blocker(cuda, torch.optim.Adam, "16-mixed")
     assert "DDP" in capture_blocker(cuda, torch.optim.Adam, world_size=2)
     # A one-cycle schedule cycles the momentum: captured where the optimizer reads it from the device.
@@ -283,7 +284,7 @@ def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
         "the scheduler cycles the momentum, which RMSprop reads on the host"
     )
     # trainer.capture=true where it cannot apply: one line naming the setting, before any work
-    for extra in (["trainer.accelerator=cpu"], ["optimizer=adagrad"], ["trainer=ddp"]):
+    for extra in (["trainer.accelerator=cpu"], ["trainer=ddp"], ["trainer.precision=16-mixed"]):
         with pytest.raises(
             ConfigError, match=r"trainer.capture=True is not allowed; allowed: auto or false here"
         ):

@@ -380,10 +380,11 @@ def _plain_setup(job: dict[str, Any], capturable: bool = False) -> SimpleNamespa
     import torch
     from hydra.utils import instantiate
 
+    from cifarlab.capturable import optimizer_for_capture
     from cifarlab.data import DeviceBatches
     from cifarlab.model import CifarCNN, parameter_groups
     from cifarlab.module import build_optimizer
-    from cifarlab.step import autocast_dtype, optimizer_for_capture
+    from cifarlab.step import autocast_dtype
     from cifarlab.train import resolve_precision, reuse_freed_memory
 
     cfg = compose(job["overrides"])

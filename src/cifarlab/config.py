@@ -235,7 +235,7 @@ def _capture_blocker(cfg: DictConfig) -> str | None:
     when the device is known)."""
     t = cfg.trainer
     target = str(cfg.optimizer.get("_target_", "")) if cfg.get("optimizer") is not None else ""
-    capturable = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")  # cifarlab.step.CAPTURABLE_OPTIMIZERS
+    capturable = ("Adagrad", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")  # cifarlab.capturable's
     if str(t.accelerator) == "cpu":
         return "trainer.accelerator=cpu: CUDA graphs need a CUDA GPU"
     course = target.startswith("cifarlab.optim.")  # the course's optimizers: all capturable

@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import MaxMetric
 
 import cifarlab.step
+from cifarlab.capturable import optimizer_for_capture
 from cifarlab.config import ConfigError
 from cifarlab.data import Chunk
 from cifarlab.model import parameter_groups
@@ -23,7 +24,6 @@ from cifarlab.step import (
     autocast_dtype,
     capture_blocker,
     cycles_momentum,
-    optimizer_for_capture,
 )
 
 

@@ -14,7 +14,7 @@ Where a course rule coincides with a ``torch.optim`` one the tests prove equal t
 constructor argument except ``params`` has a float/int/bool/tuple default, because the config schema is
 generated from the signature.
 
-``capturable=True`` (what :func:`cifarlab.step.optimizer_for_capture` asks for, as torch's own optimizers have
+``capturable=True`` (what :func:`cifarlab.capturable.optimizer_for_capture` asks for, as torch's own optimizers have
 it) writes each rule so that its step can be recorded in a CUDA graph and replayed: the learning rate may be
 a device tensor (the captured step reads it from one), and step counters and decayed rates live on the
 parameter's device, so no value is read on the host and none is baked into the graph.  The same formula in
@@ -178,7 +178,7 @@ class Momentum(_CourseOptimizer):
         _check("momentum", momentum, 0.0, 1.0)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}, capturable)
 
-    # cifarlab.step.momentum_on_device: capturable, μ may be a device tensor too (a cycled one)
+    # cifarlab.capturable.momentum_on_device: capturable, μ may be a device tensor too (a cycled one)
     device_momentum = True
 
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

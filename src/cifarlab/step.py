@@ -19,7 +19,7 @@ What makes the replay compute the same thing as the eager step:
   into device tensors, read once per epoch (:meth:`TrainStep.epoch_metrics`).
 
 Eager remains where capture cannot apply (:func:`capture_blocker` says why): a CPU, an optimizer without a
-capturable form (torch's Adagrad; the course's own have one, :mod:`cifarlab.optim`), 16-mixed (its gradient
+capturable form (torch's and the course's all have one: :mod:`cifarlab.capturable`), 16-mixed (its gradient
 scaler checks for infs on the host), DDP (its all-reduce runs in autograd hooks), ``trainer.compile`` and a
 scheduler that cycles the momentum of torch's RMSprop (it tests it on the host).
 
@@ -36,16 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# torch's optimizers whose step can run inside a CUDA graph with the learning rate as a device tensor: the ones
-# with ``capturable`` (step counters on the device), and SGD, which keeps no step counter. (The course's own,
-# cifarlab.optim, have a ``capturable`` form too: their classes say ``supports_capture``.)
-CAPTURABLE_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")
-# torch's optimizers whose capturable form can read the momentum (β1) from a device tensor without a host sync:
-# with them a scheduler that cycles it (OneCycleLR) runs captured, β1 refreshed like the learning rate. The Adam
-# family in its single-tensor form (foreach=False; the fused and foreach forms read β1 on the host:
-# ``_foreach_lerp_`` takes no tensor weight); SGD as :class:`DeviceMomentumSGD`. torch's RMSprop tests
-# ``momentum > 0`` on the host. (The course's own: ``device_momentum``.)
-DEVICE_MOMENTUM_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "SGD")
+from cifarlab.capturable import has_capturable_form, momentum_on_device
+
 WARMUP_STEPS = 3  # eager steps before the capture: cuDNN autotuning, lazy state (PyTorch's CUDA-graph notes)
 # Device types with CUDA graphs (the tests add "cpu" with tests/graph_emulation.py).
 GRAPH_DEVICES = ("cuda",)
@@ -63,9 +55,7 @@ def capture_blocker(
     if device.type not in GRAPH_DEVICES:
         return f"the device is {device.type}, not a CUDA GPU"
     name = optimizer_cls.__name__
-    torch_capturable = optimizer_cls.__module__.split(".")[0] == "torch" and name in CAPTURABLE_OPTIMIZERS
-    course_capturable = getattr(optimizer_cls, "supports_capture", False)  # cifarlab.optim's
-    if not (torch_capturable or course_capturable):
+    if not has_capturable_form(optimizer_cls):
         return f"{optimizer_cls.__module__}.{name} has no capturable form"
     if str(precision).startswith("16"):
         return "16-mixed's gradient scaler checks for infs on the host"
@@ -81,73 +71,6 @@ def capture_blocker(
 def cycles_momentum(scheduler: object | None) -> bool:
     """Whether ``scheduler`` writes a new momentum (β1) before every step: OneCycleLR, CyclicLR."""
     return bool(getattr(scheduler, "cycle_momentum", False))
-
-
-def momentum_on_device(optimizer_cls: type) -> bool:
-    """Whether the capturable form of ``optimizer_cls`` can read its momentum (β1) from a device tensor."""
-    if optimizer_cls.__module__.split(".")[0] == "torch":
-        return optimizer_cls.__name__ in DEVICE_MOMENTUM_OPTIMIZERS
-    return getattr(optimizer_cls, "device_momentum", False)  # cifarlab.optim's
-
-
-def optimizer_for_capture(
-    factory: Callable[..., torch.optim.Optimizer], params, device_momentum: bool = False
-) -> torch.optim.Optimizer:
-    """``factory(params)`` in a form whose step can be captured: fused or foreach, with ``capturable=True``
-    where the class has it (step counters on the device), in that order of preference. ``device_momentum``:
-    the form that reads β1 from a device tensor (:func:`momentum_on_device`), the single-tensor one."""
-    cls = getattr(factory, "func", factory)
-    if device_momentum and cls is torch.optim.SGD:
-        return DeviceMomentumSGD(params, *getattr(factory, "args", ()), **getattr(factory, "keywords", {}))
-    options = [{"fused": True}, {"foreach": True}, {}]
-    if device_momentum:
-        options = [{"foreach": False}, {}]  # {}: the course's, which have no foreach argument
-    if cls.__name__ != "SGD":
-        options = [{**o, "capturable": True} for o in options]
-    params = list(params)
-    for option in options:
-        try:
-            return factory(params, **option)
-        except (RuntimeError, ValueError, TypeError):
-            continue
-    raise RuntimeError(f"{cls.__name__} could not be built in a capturable form")
-
-
-class DeviceMomentumSGD(torch.optim.SGD):
-    """torch's SGD whose step also runs with the learning rate and momentum as device tensors, no host sync: a
-    captured step under a one-cycle schedule needs that, and torch's own step tests ``momentum != 0`` on the
-    host and hands both to its kernels as host numbers. Same update, same state (``momentum_buffer``, so
-    checkpoints load either way); with float hyperparameters it is torch's step. Per parameter::
-
-        g ← ∇θ + wd·θ;   b ← g at the first step, then b ← μ·b + (1 − dampening)·g;
-        d = g + μ·b (Nesterov) or b;   θ ← θ − η·d
-    """
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not any(isinstance(g[k], torch.Tensor) for g in self.param_groups for k in ("lr", "momentum")):
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = -p.grad if group["maximize"] else p.grad
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
-                state = self.state[p]
-                b = state.get("momentum_buffer")
-                if b is None:  # a first step: in a warm-up step, before any capture
-                    b = state["momentum_buffer"] = g.detach().clone()
-                else:
-                    b.mul_(mu).add_(g, alpha=1 - group["dampening"])
-                d = g.add(b.mul(mu)) if group["nesterov"] else b
-                p.sub_(d.mul(lr))
-        return loss
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

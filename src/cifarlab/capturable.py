@@ -1,0 +1,162 @@
+"""Optimizers in a form whose step can be recorded in a CUDA graph and replayed (:mod:`cifarlab.step`).
+
+A captured step replays the kernels its optimizer launched at the capture: every number the optimizer read on
+the host is baked in. So a capturable form keeps its step counters on the device, and reads the learning rate,
+and where a scheduler cycles it (one-cycle) the momentum, from device tensors that :mod:`cifarlab.step`
+refreshes before each replay. torch has such forms for most of its optimizers (``capturable=True``,
+``fused=True``); where it has none, the classes below are torch's optimizer with a step written in tensor
+operations, the same update and the same state, so checkpoints load either way:
+
+- :class:`DeviceMomentumSGD`: torch's SGD tests ``momentum != 0`` on the host and hands the learning rate and
+  momentum to its kernels as host numbers, so a one-cycle schedule, which changes the momentum every step,
+  could not be captured with it;
+- :class:`CapturableAdagrad`: torch's Adagrad keeps its step counter on the host (the learning-rate decay reads
+  it there) and has no capturable form.
+
+The course's own optimizers (:mod:`cifarlab.optim`) have a ``capturable`` form of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# torch's optimizers whose step can run inside a CUDA graph with the learning rate as a device tensor: the ones
+# with ``capturable`` (step counters on the device), SGD, which keeps no step counter, and Adagrad as
+# CapturableAdagrad. (The course's own, cifarlab.optim, have a ``capturable`` form too: ``supports_capture``.)
+CAPTURABLE_OPTIMIZERS = ("Adagrad", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")
+# torch's optimizers whose capturable form can read the momentum (β1) from a device tensor without a host sync:
+# with them a scheduler that cycles it (OneCycleLR) runs captured, β1 refreshed like the learning rate. The Adam
+# family in its single-tensor form (foreach=False; the fused and foreach forms read β1 on the host:
+# ``_foreach_lerp_`` takes no tensor weight); SGD as :class:`DeviceMomentumSGD`. torch's RMSprop tests
+# ``momentum > 0`` on the host. (The course's own: ``device_momentum``.)
+DEVICE_MOMENTUM_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "SGD")
+
+
+def _torchs(optimizer_cls: type) -> bool:
+    return optimizer_cls.__module__.split(".")[0] == "torch"
+
+
+def has_capturable_form(optimizer_cls: type) -> bool:
+    """Whether :func:`optimizer_for_capture` can build ``optimizer_cls`` in a capturable form."""
+    if _torchs(optimizer_cls):
+        return optimizer_cls.__name__ in CAPTURABLE_OPTIMIZERS
+    return getattr(optimizer_cls, "supports_capture", False)  # cifarlab.optim's
+
+
+def momentum_on_device(optimizer_cls: type) -> bool:
+    """Whether the capturable form of ``optimizer_cls`` can read its momentum (β1) from a device tensor."""
+    if _torchs(optimizer_cls):
+        return optimizer_cls.__name__ in DEVICE_MOMENTUM_OPTIMIZERS
+    return getattr(optimizer_cls, "device_momentum", False)  # cifarlab.optim's
+
+
+def optimizer_for_capture(
+    factory: Callable[..., torch.optim.Optimizer], params, device_momentum: bool = False
+) -> torch.optim.Optimizer:
+    """``factory(params)`` in a form whose step can be captured: fused or foreach, with ``capturable=True``
+    where the class has it (step counters on the device), in that order of preference; the classes below where
+    torch has none. ``device_momentum``: the form that reads β1 from a device tensor (:func:`momentum_on_device`),
+    the single-tensor one."""
+    cls = getattr(factory, "func", factory)
+    args, keywords = getattr(factory, "args", ()), getattr(factory, "keywords", {})
+    if cls is torch.optim.Adagrad:
+        return CapturableAdagrad(params, *args, **keywords)
+    if device_momentum and cls is torch.optim.SGD:
+        return DeviceMomentumSGD(params, *args, **keywords)
+    options = [{"fused": True}, {"foreach": True}, {}]
+    if device_momentum:
+        options = [{"foreach": False}, {}]  # {}: the course's, which have no foreach argument
+    if cls.__name__ != "SGD":
+        options = [{**o, "capturable": True} for o in options]
+    params = list(params)
+    for option in options:
+        try:
+            return factory(params, **option)
+        except (RuntimeError, ValueError, TypeError):
+            continue
+    raise RuntimeError(f"{cls.__name__} could not be built in a capturable form")
+
+
+def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _as_float32(value):
+    """A device-tensor hyperparameter in float32, as a kernel reads a float one (:mod:`cifarlab.step` keeps the
+    learning rate in float64 on a CPU, for torch's fused CPU kernels); a float as it is."""
+    return value.float() if isinstance(value, torch.Tensor) else value
+
+
+class DeviceMomentumSGD(torch.optim.SGD):
+    """torch's SGD whose step also runs with the learning rate and momentum as device tensors, no host sync: a
+    captured step under a one-cycle schedule needs that, and torch's own step tests ``momentum != 0`` on the
+    host and hands both to its kernels as host numbers. Same update, same state (``momentum_buffer``, so
+    checkpoints load either way); with float hyperparameters it is torch's step. Per parameter::
+
+        g ← ∇θ + wd·θ;   b ← g at the first step, then b ← μ·b + (1 − dampening)·g;
+        d = g + μ·b (Nesterov) or b;   θ ← θ − η·d
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not any(isinstance(g[k], torch.Tensor) for g in self.param_groups for k in ("lr", "momentum")):
+            return super().step(closure)
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                state = self.state[p]
+                b = state.get("momentum_buffer")
+                if b is None:  # a first step: in a warm-up step, before any capture
+                    b = state["momentum_buffer"] = g.detach().clone()
+                else:
+                    b.mul_(mu).add_(g, alpha=1 - group["dampening"])
+                d = g.add(b.mul(mu)) if group["nesterov"] else b
+                p.sub_(d.mul(lr))
+        return loss
+
+
+class CapturableAdagrad(torch.optim.Adagrad):
+    """torch's Adagrad with a step that can be captured: the step counter on the parameter's device and the
+    learning rate a float or a device tensor (torch's keeps the counter on the host, where its learning-rate
+    decay reads it, and has no capturable form). Same update, same state (``sum``, ``step``: checkpoints load
+    either way), to float rounding: the decayed rate is computed in float32 on the device, where torch
+    computes it in double on the host. Per parameter::
+
+        t ← t + 1;   g ← ∇θ + wd·θ;   G ← G + g²;   θ ← θ − η/(1 + (t − 1)·lr_decay) · g/(√G + ε)
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            lr, wd = _as_float32(group["lr"]), group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("CapturableAdagrad does not support sparse gradients")
+                g = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if state["step"].device != p.device:  # torch's counter is on the host: moved once, eagerly
+                    state["step"] = state["step"].to(p.device)
+                t = state["step"]
+                t += 1
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                # η/(1 + (t−1)·decay)
+                decayed = (t - 1).mul_(group["lr_decay"]).add_(1).reciprocal_().mul_(lr)
+                state["sum"].addcmul_(g, g)
+                std = state["sum"].sqrt().add_(group["eps"])
+                p.sub_(g.div(std).mul_(decayed))
+        return loss
