@@ -1,15 +1,21 @@
 """cifarlab.capturable's own optimizer steps compute torch's update: CapturableAdagrad against torch's Adagrad,
-DeviceMomentumSGD (learning rate and momentum as tensors, changed every step) against torch's SGD with floats,
-and checkpoints load either way. Plain eager steps on a small smooth model, where float rounding stays small."""
+DeviceMomentumSGD and DeviceMomentumRMSprop (learning rate and momentum as tensors, changed every step) against
+torch's SGD and RMSprop with floats, and checkpoints load either way. Plain eager steps on a small smooth model, where float rounding stays small."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
 import torch
 
-from cifarlab.capturable import CapturableAdagrad, DeviceMomentumSGD, optimizer_for_capture
+from cifarlab.capturable import (
+    CapturableAdagrad,
+    DeviceMomentumRMSprop,
+    DeviceMomentumSGD,
+    optimizer_for_capture,
+)
 
 
 def _model() -> torch.nn.Module:
@@ -78,10 +84,10 @@ def test_adagrad_checkpoints_load_either_way():
         assert all(float(s["step"]) == 20 for s in resumed.state.values())
 
 
-def _one_cycle_like(optimizer, t: int) -> None:
+def _one_cycle_like(optimizer, t: int, peak: float) -> None:
     """A new learning rate and momentum every step, as one-cycle writes them; as device tensors where the
     group holds tensors."""
-    lr, mu = 0.05 * (1 + 0.5 * torch.sin(torch.tensor(t / 5.0)).item()), 0.85 + 0.1 * (t % 7) / 6
+    lr, mu = peak * (1 + 0.5 * math.sin(t / 5.0)), 0.85 + 0.1 * (t % 7) / 6
     for group in optimizer.param_groups:
         if isinstance(group["momentum"], torch.Tensor):
             group["lr"].fill_(lr)
@@ -91,24 +97,33 @@ def _one_cycle_like(optimizer, t: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "kw",
-    [{}, {"nesterov": True}, {"dampening": 0.3}, {"maximize": True}],
-    ids=["momentum", "nesterov", "dampening", "maximize"],
+    "cls,kw",
+    [
+        (DeviceMomentumSGD, {}),
+        (DeviceMomentumSGD, {"nesterov": True}),
+        (DeviceMomentumSGD, {"dampening": 0.3}),
+        (DeviceMomentumSGD, {"maximize": True}),
+        (DeviceMomentumRMSprop, {}),
+        (DeviceMomentumRMSprop, {"centered": True, "alpha": 0.9}),
+        (DeviceMomentumRMSprop, {"maximize": True, "eps": 1e-4}),
+    ],
+    ids=["sgd", "nesterov", "dampening", "sgd-maximize", "rmsprop", "rmsprop-centered", "rmsprop-maximize"],
 )
-def test_device_momentum_sgd_is_torchs_sgd_with_the_same_schedule(kw):
-    """50 steps, learning rate and momentum changed before every step: DeviceMomentumSGD with both as tensors
-    follows torch's SGD with both as floats."""
+def test_device_momentum_forms_are_torchs_step_with_the_same_schedule(cls, kw):
+    """50 steps, learning rate and momentum changed before every step: DeviceMomentumSGD and
+    DeviceMomentumRMSprop with both as tensors follow torch's SGD and RMSprop with both as floats."""
     runs = {}
+    lr = 0.05 if cls is DeviceMomentumSGD else 0.005
     for name in ("torch", "device"):
         model = _model()
         if name == "torch":
-            opt = torch.optim.SGD(_groups(model), lr=0.05, momentum=0.9, **kw)
+            opt = cls.__mro__[1](_groups(model), lr=lr, momentum=0.9, **kw)  # torch's class
         else:
-            opt = DeviceMomentumSGD(_groups(model), lr=0.05, momentum=0.9, **kw)
+            opt = cls(_groups(model), lr=lr, momentum=0.9, **kw)
             for group in opt.param_groups:  # what cifarlab.step swaps in for a run with a cycled momentum
-                group["lr"] = torch.tensor(0.05, dtype=torch.float64)
+                group["lr"] = torch.tensor(lr, dtype=torch.float64)
                 group["momentum"] = torch.tensor(0.9)
-        runs[name] = _train(model, opt, 50, schedule=_one_cycle_like)
+        runs[name] = _train(model, opt, 50, schedule=partial(_one_cycle_like, peak=lr))
     _close(runs["device"], runs["torch"])
     assert runs["torch"][-1].sub(runs["torch"][0]).abs().max() > 0.01
 
@@ -121,5 +136,7 @@ def test_optimizer_for_capture_builds_cifarlabs_forms_where_torch_has_none():
     sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
     assert type(optimizer_for_capture(sgd, model.parameters(), device_momentum=True)) is DeviceMomentumSGD
     assert type(optimizer_for_capture(sgd, model.parameters())) is torch.optim.SGD  # fused: momentum fixed
+    rmsprop = partial(torch.optim.RMSprop, lr=0.1, momentum=0.9)
+    assert type(optimizer_for_capture(rmsprop, model.parameters(), device_momentum=True)) is DeviceMomentumRMSprop
     adam = optimizer_for_capture(partial(torch.optim.Adam, lr=0.1), model.parameters(), device_momentum=True)
     assert adam.param_groups[0]["foreach"] is False and adam.param_groups[0]["capturable"] is True

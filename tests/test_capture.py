@@ -17,8 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import cifarlab.config
 import cifarlab.step
-from cifarlab.capturable import CapturableAdagrad, DeviceMomentumSGD, optimizer_for_capture
-from cifarlab.config import ConfigError, validate
+from cifarlab.capturable import (
+    CapturableAdagrad,
+    DeviceMomentumRMSprop,
+    DeviceMomentumSGD,
+    optimizer_for_capture,
+)
 from cifarlab.data import DeviceBatches
 from cifarlab.optim import COURSE_OPTIMIZERS
 from cifarlab.step import WARMUP_STEPS, EvalStep, TrainStep
@@ -161,6 +165,7 @@ CYCLED = {  # a one-cycle schedule cycles these optimizers' momentum (β1), read
     "radam": partial(torch.optim.RAdam, lr=0.01),
     "momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=0.01),  # as DeviceMomentumSGD
     "nesterov": partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True),
+    "rmsprop": partial(torch.optim.RMSprop, lr=0.01, momentum=0.9, centered=True),  # as DeviceMomentumRMSprop
     "course/momentum": partial(COURSE_OPTIMIZERS["momentum"], lr=0.05),
     "course/nesterov": partial(COURSE_OPTIMIZERS["nesterov"], lr=0.05),
     "course/adam": partial(COURSE_OPTIMIZERS["adam"], lr=0.01),
@@ -182,8 +187,8 @@ def test_a_captured_step_follows_a_one_cycle_schedules_momentum_and_every_captur
 ):
     """One-cycle changes the momentum (β1) before every step: the captured step reads it from a device tensor
     refreshed before each replay, as the learning rate; each step then computes what an eager step with the
-    floats does (to float rounding: 1 - β1 from a float32 tensor; for SGD, DeviceMomentumSGD against torch's
-    own step). RMSprop, NAdam, RAdam: torch's foreach capturable form, under a cosine schedule."""
+    floats does (to float rounding: 1 - β1 from a float32 tensor; for SGD and RMSprop, cifarlab.capturable's
+    step against torch's own). RMSprop, NAdam, RAdam: torch's foreach capturable form, under a cosine schedule."""
     factory = (CYCLED if schedule == "onecycle" else FOREACH_CAPTURABLE)[name]
     onecycle = schedule == "onecycle"
     runs = {}
@@ -342,57 +347,33 @@ def test_train_py_reports_the_captured_step_and_logs_every_steps_own_loss(graphs
 
 
 @pytest.mark.parametrize(
-    "optimizer,schedule", [("nesterov", "onecycle"), ("adamw", "onecycle"), ("adagrad", "cosine")]
+    "optimizer,schedule",
+    [("nesterov", "onecycle"), ("adamw", "onecycle"), ("rmsprop", "onecycle"), ("adagrad", "cosine")],
 )
 def test_cifarlabs_capturable_forms_run_captured_and_replay_what_their_eager_steps_compute(
     optimizer, schedule, graphs, tmp_path
 ):
-    """scheduler=onecycle with torch's Nesterov SGD and AdamW, and torch's Adagrad (CapturableAdagrad): captured,
-    every replay computing bit for bit what the same run's steps compute when all of them are eager. torch's
-    RMSprop tests its momentum on the host: a one-cycle run of it is eager, the summary says why, and
-    trainer.capture=true says so in one line."""
+    """scheduler=onecycle with torch's Nesterov SGD, AdamW and RMSprop with momentum, and torch's Adagrad
+    (CapturableAdagrad): captured, every replay computing bit for bit what the same run's steps compute when all
+    of them are eager."""
     overrides = TINY + [f"optimizer={optimizer}", f"scheduler={schedule}", "trainer.max_epochs=3"]
-    overrides += ["callbacks.checkpoint=false"]
+    overrides += ["callbacks.checkpoint=false"] + (
+        ["optimizer.momentum=0.9"] if optimizer == "rmsprop" else []
+    )
     captured, trainer = fit(overrides, tmp_path / "captured")
     assert captured.step_mode == "captured" and captured.device_momentum == (schedule == "onecycle")
-    expected = {"nesterov": DeviceMomentumSGD, "adamw": torch.optim.AdamW, "adagrad": CapturableAdagrad}
+    expected = {
+        "nesterov": DeviceMomentumSGD,
+        "adamw": torch.optim.AdamW,
+        "rmsprop": DeviceMomentumRMSprop,
+        "adagrad": CapturableAdagrad,
+    }
     assert type(trainer.optimizers[0]) is expected[optimizer]
     assert captured.stepper.replays == 21 - WARMUP_STEPS - 3
     graphs.setattr(cifarlab.step, "WARMUP_STEPS", 10**6)  # every step eager, reading the same device values
     eager, _ = fit(overrides, tmp_path / "eager")
     assert eager.stepper.replays == 0 and eager.stepper.steps == 21
     assert_identical_parameters(captured.net, eager.net)
-    if optimizer != "nesterov":
-        return
-
-    rmsprop = TINY + [
-        "optimizer=rmsprop",
-        "optimizer.momentum=0.9",
-        "scheduler=onecycle",
-        "trainer.max_epochs=1",
-    ]
-    rmsprop += ["callbacks.checkpoint=false"]
-    run(compose_train(rmsprop, tmp_path / "rmsprop"))
-    metrics = json.loads((tmp_path / "rmsprop" / "metrics.json").read_text())
-    assert (
-        metrics["step_mode"] == "eager (the scheduler cycles the momentum, which RMSprop reads on the host)"
-    )
-    # refused before any work by the config check, and by the module's once it has built the schedule
-    forced = [o.replace("accelerator=cpu", "accelerator=auto") for o in rmsprop] + ["trainer.capture=true"]
-    with pytest.raises(ConfigError) as err:
-        validate(compose_train(forced, tmp_path / "forced"))
-    assert str(err.value) == (
-        "trainer.capture=True is not allowed; allowed: auto or false here (scheduler=onecycle cycles the "
-        "momentum, which RMSprop reads on the host)"
-    )
-    graphs.setattr(cifarlab.config, "_capture_blocker", lambda cfg: None)
-    with pytest.raises(ConfigError) as err:
-        run(compose_train(forced, tmp_path / "forced"))
-    assert str(err.value) == (
-        "trainer.capture=True is not allowed; allowed: auto or false here (the scheduler cycles the momentum, "
-        "which RMSprop reads on the host)"
-    )
-    assert not (tmp_path / "forced" / "checkpoints").exists()
 
 
 @pytest.mark.slow

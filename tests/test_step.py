@@ -261,7 +261,7 @@ def test_limit_train_batches_counts_optimizer_steps(tmp_path):
     assert trainer.global_step == 10
 
 
-def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
+def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not(tmp_path):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert capture_blocker(cuda, torch.optim.Adam) is None
     assert capture_blocker(cuda, torch.optim.SGD, "bf16-mixed") is None
@@ -280,8 +280,14 @@ def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
         assert capture_blocker(cuda, cls, scheduler=onecycle) is None
     for name in ("momentum", "nesterov", "adam"):
         assert capture_blocker(cuda, COURSE_OPTIMIZERS[name], scheduler=onecycle) is None
-    assert capture_blocker(cuda, torch.optim.RMSprop, scheduler=onecycle) == (
-        "the scheduler cycles the momentum, which RMSprop reads on the host"
+    assert capture_blocker(cuda, torch.optim.RMSprop, scheduler=onecycle) is None
+
+    class HostMomentum(torch.optim.SGD):  # capturable, but reads its momentum on the host
+        supports_capture = True
+
+    assert capture_blocker(cuda, HostMomentum) is None
+    assert capture_blocker(cuda, HostMomentum, scheduler=onecycle) == (
+        "the scheduler cycles the momentum, which HostMomentum reads on the host"
     )
     # trainer.capture=true where it cannot apply: one line naming the setting, before any work
     for extra in (["trainer.accelerator=cpu"], ["trainer=ddp"], ["trainer.precision=16-mixed"]):
@@ -289,6 +295,13 @@ def test_capture_is_chosen_where_it_can_apply_and_refused_clearly_where_not():
             ConfigError, match=r"trainer.capture=True is not allowed; allowed: auto or false here"
         ):
             validate(compose_train(["trainer.capture=true", *extra]))
+    # where only the device rules it out, the module refuses it when it knows the device: before any step
+    with pytest.raises(ConfigError) as err:
+        fit([o for o in TINY if o != "trainer.accelerator=cpu"] + ["trainer.capture=true"], tmp_path)
+    assert str(err.value) == (
+        "trainer.capture=True is not allowed; allowed: auto or false here (the device is cpu, not a CUDA GPU)"
+    )
+    assert not (tmp_path / "checkpoints").exists()
     for bad in ("trainer.steps_per_call=0", "trainer.capture=maybe"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             validate(compose_train([bad]))

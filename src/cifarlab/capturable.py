@@ -7,9 +7,9 @@ refreshes before each replay. torch has such forms for most of its optimizers (`
 ``fused=True``); where it has none, the classes below are torch's optimizer with a step written in tensor
 operations, the same update and the same state, so checkpoints load either way:
 
-- :class:`DeviceMomentumSGD`: torch's SGD tests ``momentum != 0`` on the host and hands the learning rate and
-  momentum to its kernels as host numbers, so a one-cycle schedule, which changes the momentum every step,
-  could not be captured with it;
+- :class:`DeviceMomentumSGD`, :class:`DeviceMomentumRMSprop`: torch's SGD and RMSprop test the momentum on
+  the host (``momentum != 0``, ``> 0``) and hand it and the learning rate to their kernels as host numbers, so
+  a one-cycle schedule, which changes the momentum every step, could not be captured with them;
 - :class:`CapturableAdagrad`: torch's Adagrad keeps its step counter on the host (the learning-rate decay reads
   it there) and has no capturable form.
 
@@ -29,9 +29,9 @@ CAPTURABLE_OPTIMIZERS = ("Adagrad", "Adam", "AdamW", "NAdam", "RAdam", "RMSprop"
 # torch's optimizers whose capturable form can read the momentum (β1) from a device tensor without a host sync:
 # with them a scheduler that cycles it (OneCycleLR) runs captured, β1 refreshed like the learning rate. The Adam
 # family in its single-tensor form (foreach=False; the fused and foreach forms read β1 on the host:
-# ``_foreach_lerp_`` takes no tensor weight); SGD as :class:`DeviceMomentumSGD`. torch's RMSprop tests
-# ``momentum > 0`` on the host. (The course's own: ``device_momentum``.)
-DEVICE_MOMENTUM_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "SGD")
+# ``_foreach_lerp_`` takes no tensor weight); SGD and RMSprop as :class:`DeviceMomentumSGD` and
+# :class:`DeviceMomentumRMSprop`. (The course's own: ``device_momentum``.)
+DEVICE_MOMENTUM_OPTIMIZERS = ("Adam", "AdamW", "NAdam", "RAdam", "RMSprop", "SGD")
 
 
 def _torchs(optimizer_cls: type) -> bool:
@@ -63,8 +63,9 @@ def optimizer_for_capture(
     args, keywords = getattr(factory, "args", ()), getattr(factory, "keywords", {})
     if cls is torch.optim.Adagrad:
         return CapturableAdagrad(params, *args, **keywords)
-    if device_momentum and cls is torch.optim.SGD:
-        return DeviceMomentumSGD(params, *args, **keywords)
+    if device_momentum and cls in (torch.optim.SGD, torch.optim.RMSprop):
+        device_cls = DeviceMomentumSGD if cls is torch.optim.SGD else DeviceMomentumRMSprop
+        return device_cls(params, *args, **keywords)
     options = [{"fused": True}, {"foreach": True}, {}]
     if device_momentum:
         options = [{"foreach": False}, {}]  # {}: the course's, which have no foreach argument
@@ -104,7 +105,7 @@ class DeviceMomentumSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if not any(isinstance(g[k], torch.Tensor) for g in self.param_groups for k in ("lr", "momentum")):
+        if not _device_values(self):
             return super().step(closure)
         loss = _closure_loss(closure)
         for group in self.param_groups:
@@ -123,6 +124,66 @@ class DeviceMomentumSGD(torch.optim.SGD):
                     b.mul_(mu).add_(g, alpha=1 - group["dampening"])
                 d = g.add(b.mul(mu)) if group["nesterov"] else b
                 p.sub_(d.mul(lr))
+        return loss
+
+
+def _device_values(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a group's learning rate or momentum is a device tensor (swapped in by :mod:`cifarlab.step`)."""
+    return any(isinstance(g[k], torch.Tensor) for g in optimizer.param_groups for k in ("lr", "momentum"))
+
+
+def _device_step(state: dict, like: torch.Tensor) -> torch.Tensor:
+    """The state's step counter on ``like``'s device (a new one, or torch's from the host, moved once, in an
+    eager step before any capture), counted up by one."""
+    step = state.get("step")
+    if step is None:
+        step = torch.zeros((), dtype=torch.float32, device=like.device)
+    elif step.device != like.device:
+        step = step.to(like.device)
+    state["step"] = step
+    step += 1
+    return step
+
+
+class DeviceMomentumRMSprop(torch.optim.RMSprop):
+    """torch's RMSprop whose step also runs with the learning rate and momentum as device tensors, no host sync
+    (torch's tests ``momentum > 0`` on the host): :class:`DeviceMomentumSGD`'s reason. Same update, same state
+    (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``); with float hyperparameters torch's step.
+    Per parameter::
+
+        g ← ∇θ + wd·θ;   S ← α·S + (1 − α)·g²;   centered: ḡ ← α·ḡ + (1 − α)·g and S' = S − ḡ², else S' = S;
+        b ← μ·b + g/(√S' + ε);   θ ← θ − η·b
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not _device_values(self):
+            return super().step(closure)
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            lr, mu, alpha, wd = group["lr"], group["momentum"], group["alpha"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                _device_step(state, p)
+                for key in ("square_avg", "momentum_buffer") + (("grad_avg",) if group["centered"] else ()):
+                    if key not in state:  # a first step: in a warm-up step, before any capture
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                square_avg = state["square_avg"]
+                square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+                if group["centered"]:
+                    grad_avg = state["grad_avg"]
+                    grad_avg.lerp_(g, 1 - alpha)
+                    avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+                else:
+                    avg = square_avg.sqrt()
+                b = state["momentum_buffer"]
+                b.mul_(mu).addcdiv_(g, avg.add_(group["eps"]))
+                p.sub_(b.mul(lr))
         return loss
 
 
@@ -148,10 +209,7 @@ class CapturableAdagrad(torch.optim.Adagrad):
                     raise RuntimeError("CapturableAdagrad does not support sparse gradients")
                 g = -p.grad if group["maximize"] else p.grad
                 state = self.state[p]
-                if state["step"].device != p.device:  # torch's counter is on the host: moved once, eagerly
-                    state["step"] = state["step"].to(p.device)
-                t = state["step"]
-                t += 1
+                t = _device_step(state, p)
                 if wd != 0:
                     g = g.add(p, alpha=wd)
                 # η/(1 + (t−1)·decay)

@@ -247,11 +247,6 @@ def _capture_blocker(cfg: DictConfig) -> str | None:
         return "DDP all-reduces gradients in its own hooks"
     if t.compile:
         return "trainer.compile=true"
-    scheduler = str(cfg.scheduler.get("_target_", "")) if cfg.get("scheduler") is not None else ""
-    name = target.rsplit(".", 1)[-1]
-    if scheduler.endswith(".onecycle") and name == "RMSprop" and (cfg.optimizer.get("momentum") or 0) > 0:
-        # cifarlab.step.capture_blocker: one-cycle cycles the momentum, which RMSprop tests on the host
-        return f"scheduler=onecycle cycles the momentum, which {name} reads on the host"
     return None
 
 

@@ -20,8 +20,8 @@ What makes the replay compute the same thing as the eager step:
 
 Eager remains where capture cannot apply (:func:`capture_blocker` says why): a CPU, an optimizer without a
 capturable form (torch's and the course's all have one: :mod:`cifarlab.capturable`), 16-mixed (its gradient
-scaler checks for infs on the host), DDP (its all-reduce runs in autograd hooks), ``trainer.compile`` and a
-scheduler that cycles the momentum of torch's RMSprop (it tests it on the host).
+scaler checks for infs on the host), DDP (its all-reduce runs in autograd hooks) and ``trainer.compile``;
+every optimizer in ``conf/optimizer``, with every scheduler, is captured.
 
 :class:`EvalStep` does the same for evaluation: forward, summed loss and correct predictions of a batch, on the
 device, captured per batch shape on a CUDA GPU; read once per validation or test.
