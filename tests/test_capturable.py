@@ -137,6 +137,9 @@ def test_optimizer_for_capture_builds_cifarlabs_forms_where_torch_has_none():
     assert type(optimizer_for_capture(sgd, model.parameters(), device_momentum=True)) is DeviceMomentumSGD
     assert type(optimizer_for_capture(sgd, model.parameters())) is torch.optim.SGD  # fused: momentum fixed
     rmsprop = partial(torch.optim.RMSprop, lr=0.1, momentum=0.9)
-    assert type(optimizer_for_capture(rmsprop, model.parameters(), device_momentum=True)) is DeviceMomentumRMSprop
+    assert (
+        type(optimizer_for_capture(rmsprop, model.parameters(), device_momentum=True))
+        is DeviceMomentumRMSprop
+    )
     adam = optimizer_for_capture(partial(torch.optim.Adam, lr=0.1), model.parameters(), device_momentum=True)
     assert adam.param_groups[0]["foreach"] is False and adam.param_groups[0]["capturable"] is True
