@@ -117,7 +117,8 @@ def test_device_momentum_forms_are_torchs_step_with_the_same_schedule(cls, kw):
     for name in ("torch", "device"):
         model = _model()
         if name == "torch":
-            opt = cls.__mro__[1](_groups(model), lr=lr, momentum=0.9, **kw)  # torch's class
+            torchs = torch.optim.SGD if cls is DeviceMomentumSGD else torch.optim.RMSprop
+            opt = torchs(_groups(model), lr=lr, momentum=0.9, **kw)
         else:
             opt = cls(_groups(model), lr=lr, momentum=0.9, **kw)
             for group in opt.param_groups:  # what cifarlab.step swaps in for a run with a cycled momentum

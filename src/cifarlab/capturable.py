@@ -80,56 +80,10 @@ def optimizer_for_capture(
     raise RuntimeError(f"{cls.__name__} could not be built in a capturable form")
 
 
-def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
-    if closure is None:
-        return None
-    with torch.enable_grad():
-        return closure()
-
-
 def _as_float32(value):
     """A device-tensor hyperparameter in float32, as a kernel reads a float one (:mod:`cifarlab.step` keeps the
     learning rate in float64 on a CPU, for torch's fused CPU kernels); a float as it is."""
     return value.float() if isinstance(value, torch.Tensor) else value
-
-
-class DeviceMomentumSGD(torch.optim.SGD):
-    """torch's SGD whose step also runs with the learning rate and momentum as device tensors, no host sync: a
-    captured step under a one-cycle schedule needs that, and torch's own step tests ``momentum != 0`` on the
-    host and hands both to its kernels as host numbers. Same update, same state (``momentum_buffer``, so
-    checkpoints load either way); with float hyperparameters it is torch's step. Per parameter::
-
-        g ← ∇θ + wd·θ;   b ← g at the first step, then b ← μ·b + (1 − dampening)·g;
-        d = g + μ·b (Nesterov) or b;   θ ← θ − η·d
-    """
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not _device_values(self):
-            return super().step(closure)
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = -p.grad if group["maximize"] else p.grad
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
-                state = self.state[p]
-                b = state.get("momentum_buffer")
-                if b is None:  # a first step: in a warm-up step, before any capture
-                    b = state["momentum_buffer"] = g.detach().clone()
-                else:
-                    b.mul_(mu).add_(g, alpha=1 - group["dampening"])
-                d = g.add(b.mul(mu)) if group["nesterov"] else b
-                p.sub_(d.mul(lr))
-        return loss
-
-
-def _device_values(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a group's learning rate or momentum is a device tensor (swapped in by :mod:`cifarlab.step`)."""
-    return any(isinstance(g[k], torch.Tensor) for g in optimizer.param_groups for k in ("lr", "momentum"))
 
 
 def _device_step(state: dict, like: torch.Tensor) -> torch.Tensor:
@@ -145,7 +99,63 @@ def _device_step(state: dict, like: torch.Tensor) -> torch.Tensor:
     return step
 
 
-class DeviceMomentumRMSprop(torch.optim.RMSprop):
+class _TensorStep:
+    """The step loop of the classes below, before torch's optimizer class in their bases: the closure, then
+    ``_update`` for each parameter with a gradient, given ``g`` (negated under ``maximize``, plus ``wd·θ``: L2
+    weight decay, as torch's SGD, RMSprop and Adagrad apply it). ``floats_run_torchs_step``: where no learning
+    rate or momentum is a device tensor, torch's own step runs instead."""
+
+    floats_run_torchs_step = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        tensors = any(
+            isinstance(g.get(k), torch.Tensor) for g in self.param_groups for k in ("lr", "momentum")
+        )
+        if self.floats_run_torchs_step and not tensors:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                g = -p.grad if group["maximize"] else p.grad
+                if group["weight_decay"] != 0:
+                    g = g.add(p, alpha=group["weight_decay"])
+                self._update(p, g, self.state[p], group)
+        return loss
+
+    def _update(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
+
+class DeviceMomentumSGD(_TensorStep, torch.optim.SGD):
+    """torch's SGD whose step also runs with the learning rate and momentum as device tensors, no host sync: a
+    captured step under a one-cycle schedule needs that, and torch's own step tests ``momentum != 0`` on the
+    host and hands both to its kernels as host numbers. Same update, same state (``momentum_buffer``, so
+    checkpoints load either way); with float hyperparameters it is torch's step. Per parameter::
+
+        g ← ∇θ + wd·θ;   b ← g at the first step, then b ← μ·b + (1 − dampening)·g;
+        d = g + μ·b (Nesterov) or b;   θ ← θ − η·d
+    """
+
+    def _update(self, p, g, state, group) -> None:
+        mu = group["momentum"]
+        b = state.get("momentum_buffer")
+        if b is None:  # a first step: in a warm-up step, before any capture
+            b = state["momentum_buffer"] = g.detach().clone()
+        else:
+            b.mul_(mu).add_(g, alpha=1 - group["dampening"])
+        d = g.add(b.mul(mu)) if group["nesterov"] else b
+        p.sub_(d.mul(group["lr"]))
+
+
+class DeviceMomentumRMSprop(_TensorStep, torch.optim.RMSprop):
     """torch's RMSprop whose step also runs with the learning rate and momentum as device tensors, no host sync
     (torch's tests ``momentum > 0`` on the host): :class:`DeviceMomentumSGD`'s reason. Same update, same state
     (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``); with float hyperparameters torch's step.
@@ -155,39 +165,26 @@ class DeviceMomentumRMSprop(torch.optim.RMSprop):
         b ← μ·b + g/(√S' + ε);   θ ← θ − η·b
     """
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not _device_values(self):
-            return super().step(closure)
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            lr, mu, alpha, wd = group["lr"], group["momentum"], group["alpha"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = -p.grad if group["maximize"] else p.grad
-                state = self.state[p]
-                _device_step(state, p)
-                for key in ("square_avg", "momentum_buffer") + (("grad_avg",) if group["centered"] else ()):
-                    if key not in state:  # a first step: in a warm-up step, before any capture
-                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
-                square_avg = state["square_avg"]
-                square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-                if group["centered"]:
-                    grad_avg = state["grad_avg"]
-                    grad_avg.lerp_(g, 1 - alpha)
-                    avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
-                else:
-                    avg = square_avg.sqrt()
-                b = state["momentum_buffer"]
-                b.mul_(mu).addcdiv_(g, avg.add_(group["eps"]))
-                p.sub_(b.mul(lr))
-        return loss
+    def _update(self, p, g, state, group) -> None:
+        alpha = group["alpha"]
+        _device_step(state, p)
+        for key in ("square_avg", "momentum_buffer") + (("grad_avg",) if group["centered"] else ()):
+            if key not in state:  # a first step: in a warm-up step, before any capture
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        square_avg = state["square_avg"]
+        square_avg.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+        if group["centered"]:
+            grad_avg = state["grad_avg"]
+            grad_avg.lerp_(g, 1 - alpha)
+            avg = square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+        else:
+            avg = square_avg.sqrt()
+        b = state["momentum_buffer"]
+        b.mul_(group["momentum"]).addcdiv_(g, avg.add_(group["eps"]))
+        p.sub_(b.mul(group["lr"]))
 
 
-class CapturableAdagrad(torch.optim.Adagrad):
+class CapturableAdagrad(_TensorStep, torch.optim.Adagrad):
     """torch's Adagrad with a step that can be captured: the step counter on the parameter's device and the
     learning rate a float or a device tensor (torch's keeps the counter on the host, where its learning-rate
     decay reads it, and has no capturable form). Same update, same state (``sum``, ``step``: checkpoints load
@@ -197,24 +194,11 @@ class CapturableAdagrad(torch.optim.Adagrad):
         t ← t + 1;   g ← ∇θ + wd·θ;   G ← G + g²;   θ ← θ − η/(1 + (t − 1)·lr_decay) · g/(√G + ε)
     """
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = _closure_loss(closure)
-        for group in self.param_groups:
-            lr, wd = _as_float32(group["lr"]), group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("CapturableAdagrad does not support sparse gradients")
-                g = -p.grad if group["maximize"] else p.grad
-                state = self.state[p]
-                t = _device_step(state, p)
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
-                # η/(1 + (t−1)·decay)
-                decayed = (t - 1).mul_(group["lr_decay"]).add_(1).reciprocal_().mul_(lr)
-                state["sum"].addcmul_(g, g)
-                std = state["sum"].sqrt().add_(group["eps"])
-                p.sub_(g.div(std).mul_(decayed))
-        return loss
+    floats_run_torchs_step = False  # one step for floats and tensors: the counter stays on the device
+
+    def _update(self, p, g, state, group) -> None:
+        t = _device_step(state, p)
+        # η/(1 + (t−1)·decay)
+        decayed = (t - 1).mul_(group["lr_decay"]).add_(1).reciprocal_().mul_(_as_float32(group["lr"]))
+        state["sum"].addcmul_(g, g)
+        p.sub_(g.div(state["sum"].sqrt().add_(group["eps"])).mul_(decayed))
