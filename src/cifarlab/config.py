@@ -75,7 +75,7 @@ class TrainerConf:
     channels_last: bool = True  # NHWC activations: faster convolutions on CPUs (oneDNN) and tensor cores
     compile: bool = False  # torch.compile the network
     # Record the whole training step once as a CUDA graph and replay it (cifarlab.step): auto (where it can
-    # apply: a CUDA GPU, an optimizer with a capturable form (all but torch's Adagrad), no DDP, 16-mixed or
+    # apply: a CUDA GPU, an optimizer with a capturable form (every one in conf/optimizer), no DDP, 16-mixed or
     # compile) | true (error if it cannot) | false (always eager). The run's summary and metrics.json say
     # which ran (step_mode).
     capture: Any = "auto"
