@@ -99,11 +99,12 @@ def _device_step(state: dict, like: torch.Tensor) -> torch.Tensor:
     return step
 
 
-class _TensorStep:
-    """The step loop of the classes below, before torch's optimizer class in their bases: the closure, then
-    ``_update`` for each parameter with a gradient, given ``g`` (negated under ``maximize``, plus ``wd·θ``: L2
-    weight decay, as torch's SGD, RMSprop and Adagrad apply it). ``floats_run_torchs_step``: where no learning
-    rate or momentum is a device tensor, torch's own step runs instead."""
+class PerParameterStep:
+    """The step loop of the optimizers written here and of the course's (:mod:`cifarlab.optim`), before torch's
+    ``Optimizer`` class in their bases: the closure, then ``_update`` for each parameter with a gradient, given
+    ``g`` (negated under a group's ``maximize``, plus ``wd·θ``: L2 weight decay, as torch's SGD, RMSprop, Adagrad
+    and Adam apply it; a new tensor, ``p.grad`` is left untouched). ``floats_run_torchs_step``: where no learning
+    rate or momentum is a device tensor, the base class's own step (torch's) runs instead."""
 
     floats_run_torchs_step = True
 
@@ -124,7 +125,7 @@ class _TensorStep:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                g = -p.grad if group["maximize"] else p.grad
+                g = -p.grad if group.get("maximize", False) else p.grad
                 if group["weight_decay"] != 0:
                     g = g.add(p, alpha=group["weight_decay"])
                 self._update(p, g, self.state[p], group)
@@ -134,7 +135,7 @@ class _TensorStep:
         raise NotImplementedError
 
 
-class DeviceMomentumSGD(_TensorStep, torch.optim.SGD):
+class DeviceMomentumSGD(PerParameterStep, torch.optim.SGD):
     """torch's SGD whose step also runs with the learning rate and momentum as device tensors, no host sync: a
     captured step under a one-cycle schedule needs that, and torch's own step tests ``momentum != 0`` on the
     host and hands both to its kernels as host numbers. Same update, same state (``momentum_buffer``, so
@@ -155,7 +156,7 @@ class DeviceMomentumSGD(_TensorStep, torch.optim.SGD):
         p.sub_(d.mul(group["lr"]))
 
 
-class DeviceMomentumRMSprop(_TensorStep, torch.optim.RMSprop):
+class DeviceMomentumRMSprop(PerParameterStep, torch.optim.RMSprop):
     """torch's RMSprop whose step also runs with the learning rate and momentum as device tensors, no host sync
     (torch's tests ``momentum > 0`` on the host): :class:`DeviceMomentumSGD`'s reason. Same update, same state
     (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``); with float hyperparameters torch's step.
@@ -184,7 +185,7 @@ class DeviceMomentumRMSprop(_TensorStep, torch.optim.RMSprop):
         p.sub_(b.mul(group["lr"]))
 
 
-class CapturableAdagrad(_TensorStep, torch.optim.Adagrad):
+class CapturableAdagrad(PerParameterStep, torch.optim.Adagrad):
     """torch's Adagrad with a step that can be captured: the step counter on the parameter's device and the
     learning rate a float or a device tensor (torch's keeps the counter on the host, where its learning-rate
     decay reads it, and has no capturable form). Same update, same state (``sum``, ``step``: checkpoints load

@@ -26,12 +26,14 @@ run captured too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from cifarlab.capturable import PerParameterStep
 
 __all__ = [
     "COURSE_OPTIMIZERS",
@@ -77,38 +79,18 @@ def _host_number(value: float | Tensor) -> float:
     return float(value) if isinstance(value, Tensor) else value
 
 
-class _CourseOptimizer(Optimizer):
-    """Shared ``step``: closure, weight decay as L2 on the gradient, then the subclass's ``_update``."""
+class _CourseOptimizer(PerParameterStep, Optimizer):
+    """Shared ``step`` (:class:`~cifarlab.capturable.PerParameterStep`): closure, weight decay as L2 on the
+    gradient, then the subclass's ``_update``, for float and device-tensor hyperparameters alike."""
 
     # cifarlab.step.capture_blocker: these can be built capturable and captured in a CUDA graph.
     supports_capture = True
+    floats_run_torchs_step = False  # there is no torch step below: the rule is the subclass's _update
 
     def __init__(self, params: Params, defaults: dict[str, Any], capturable: bool = False) -> None:
         _check("lr", defaults["lr"], 0.0)
         _check("weight_decay", defaults["weight_decay"], 0.0)
         super().__init__(params, {**defaults, "capturable": bool(capturable)})
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            wd = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if wd != 0:
-                    g = g.add(p, alpha=wd)  # L2: g ← g + wd·θ (a new tensor; p.grad is left untouched)
-                self._update(p, g, self.state[p], group)
-        return loss
-
-    def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        raise NotImplementedError
 
 
 def _lr_step(t: Tensor, x: Tensor, group: dict[str, Any]) -> None:
