@@ -518,6 +518,44 @@ def test_settings_from_the_composed_config(tmp_path, monkeypatch):
     assert OmegaConf.is_config(cfg) and "optimizer.lr=interval(0.001, 0.01)" in s.arguments
 
 
+@pytest.mark.parametrize(
+    "overrides, wandb",
+    [
+        (["logger=wandb"], True),  # cifar10_optuna's default logger
+        (["logger=wandb", "logger.mode=disabled"], False),
+        (["logger=none"], False),
+        (["logger=csv"], False),
+    ],
+)
+def test_warm_trials_preload_what_their_logger_imports(tmp_path, monkeypatch, overrides, wandb):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from cifarlab.config import register_configs
+    from cifarlab.sweeper.launch_fork import DEFAULT_PRELOAD, WANDB_PRELOAD
+    from cifarlab.sweeper.runner import warm_preload
+    from cifarlab.sweeper.settings import settings_from_hydra
+
+    def settings(extra):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(
+                "train", overrides=["hparams_search=synthetic_tiny", *extra], return_hydra_config=True
+            )
+        with open_dict(cfg):
+            cfg.hydra.runtime.cwd = str(tmp_path)
+            cfg.hydra.job.config_name = "train"
+        conf = {k: v for k, v in cfg.hydra.sweeper.items() if not k.startswith("_")}
+        return settings_from_hydra(conf, cfg, ["hparams_search=synthetic_tiny", *extra])
+
+    register_configs()
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
+    preload = warm_preload(settings(overrides))
+    assert preload[: len(DEFAULT_PRELOAD)] == list(DEFAULT_PRELOAD)
+    assert set(WANDB_PRELOAD) <= set(preload) if wandb else not set(WANDB_PRELOAD) & set(preload)
+    # hydra.sweeper.preload, when set, is all the server imports
+    assert warm_preload(settings([*overrides, "hydra.sweeper.preload=[optuna]"])) == ["optuna"]
+
+
 def test_importing_the_plugin_is_cheap():
     code = (
         "import sys, hydra_plugins.cifarlab_sweeper.config, hydra_plugins.cifarlab_sweeper.sweeper, "

@@ -679,14 +679,25 @@ def _trial_handle(study: Any, trial_id: int) -> Any:
     return optuna.trial.Trial(study, trial_id)
 
 
+def warm_preload(settings: SweepSettings) -> list[str]:
+    """What the warm trials' fork server imports: ``hydra.sweeper.preload`` if set; else, for a Lightning-style
+    task (it has a trainer), torch, Lightning and cifarlab, and W&B's lazy imports when the task logs to W&B."""
+    from cifarlab.sweeper.launch_fork import DEFAULT_PRELOAD, WANDB_PRELOAD
+
+    if settings.preload is not None:
+        return list(settings.preload)
+    if not settings.lightning_task:
+        return []
+    logger = settings.logger_cfg or {}
+    wandb = logger.get("name") == "wandb" and logger.get("mode") != "disabled"
+    return [*DEFAULT_PRELOAD, *(WANDB_PRELOAD if wandb else ())]
+
+
 def _launcher(settings: SweepSettings) -> Any:
     if settings.launch == "fork":
-        from cifarlab.sweeper.launch_fork import DEFAULT_PRELOAD, ForkLauncher
+        from cifarlab.sweeper.launch_fork import ForkLauncher
 
-        preload = settings.preload
-        if preload is None:  # torch, Lightning, cifarlab for a Lightning-style task (it has a trainer)
-            preload = DEFAULT_PRELOAD if settings.lightning_task else []
-        return ForkLauncher(settings.warm_task, settings.task_cwd, preload)
+        return ForkLauncher(settings.warm_task, settings.task_cwd, warm_preload(settings))
     return SubprocessLauncher(settings.task_command, settings.task_cwd)
 
 

@@ -54,7 +54,7 @@ class CifarlabOptunaSweeperConf:
         "auto"  # auto: warm trials forked from a preloaded server where possible | fork | subprocess
     )
     preload: list[str] | None = (
-        None  # modules the warm trials' server imports; None: torch, lightning, cifarlab
+        None  # modules the warm trials' server imports; None: torch, lightning, cifarlab (+ wandb's)
     )
     trial_timeout: float | None = None  # seconds; a trial running longer is killed and FAILs
     heartbeat_interval: float = 30.0  # seconds between a sweep process's liveness records
