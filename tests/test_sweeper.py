@@ -339,11 +339,16 @@ def test_error_line_from_a_trial_log(tmp_path):
     assert log_error(tmp_path / "missing.log", -9) == "killed by SIGKILL (out of memory?)"
 
 
-def test_instantiate_target_drops_leftover_keys():
-    pruner = instantiate_target(
-        {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.1, "n_startup_trials": 5}
-    )
+def test_instantiate_target_drops_leftover_keys(caplog):
+    config = {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.1, "n_startup_trials": 5}
+    with caplog.at_level("WARNING", logger="cifarlab.sweeper"):
+        pruner = instantiate_target(config, "pruner")
     assert isinstance(pruner, optuna.pruners.ThresholdPruner)
+    assert "ThresholdPruner does not take n_startup_trials; ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cifarlab.sweeper"):
+        assert isinstance(instantiate_target(config, "pruner", warn=False), optuna.pruners.ThresholdPruner)
+    assert caplog.text == ""
 
 
 def test_launcher_worker_task_pickles():
@@ -426,7 +431,7 @@ def test_plots_are_written_or_skipped(tmp_path):
 # ---- in-trial reporting -----------------------------------------------------------------------------------------
 
 
-def test_trial_reporter_reports_and_prunes_through_storage(tmp_path, monkeypatch):
+def test_trial_reporter_reports_and_prunes_through_storage(tmp_path, monkeypatch, caplog):
     from cifarlab.sweeper import ENV_MONITOR, ENV_PRUNER, ENV_STORAGE, ENV_STUDY, ENV_TRIAL
     from cifarlab.sweeper.trial import TrialReporter, trial_callbacks
 
@@ -437,9 +442,14 @@ def test_trial_reporter_reports_and_prunes_through_storage(tmp_path, monkeypatch
         ENV_STUDY: "r",
         ENV_TRIAL: str(trial._trial_id),
         ENV_MONITOR: "val/acc",
-        ENV_PRUNER: json.dumps({"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5}),
+        # a key the pruner does not take (left by the pruner group's default): its sweep said so, once
+        ENV_PRUNER: json.dumps(
+            {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.5, "n_startup_trials": 3}
+        ),
     }
-    reporter = TrialReporter(env)
+    with caplog.at_level("WARNING", logger="cifarlab.sweeper"):
+        reporter = TrialReporter(env)
+    assert "does not take" not in caplog.text
     assert reporter.report(0.7, 0) is False
     assert reporter.report(0.2, 1) is True
     assert reporter.report(float("nan"), 2) is False

@@ -94,9 +94,10 @@ class SweepReport:
 # ---- helpers ----------------------------------------------------------------------------------------------
 
 
-def instantiate_target(config: Mapping[str, Any], what: str = "object") -> Any:
+def instantiate_target(config: Mapping[str, Any], what: str = "object", warn: bool = True) -> Any:
     """``{"_target_": "pkg.Class", **kwargs}`` → ``pkg.Class(**kwargs)``; keys the class does not take are dropped
-    with a warning (so that switching ``_target_`` on top of a group default does not fail on its leftovers)."""
+    with a warning (so that switching ``_target_`` on top of a group default does not fail on its leftovers;
+    ``warn=False`` where the sweep process has said so already)."""
     from hydra.utils import get_object
 
     cfg = {k: v for k, v in dict(config).items() if k not in ("_partial_", "_recursive_", "_convert_")}
@@ -116,7 +117,7 @@ def instantiate_target(config: Mapping[str, Any], what: str = "object") -> Any:
         accepted = None
     if accepted is not None:
         dropped = sorted(k for k in cfg if k not in accepted)
-        if dropped:
+        if dropped and warn:
             log.warning("%s %s does not take %s; ignored", what, target, ", ".join(dropped))
         cfg = {k: v for k, v in cfg.items() if k in accepted}
     return cls(**cfg)

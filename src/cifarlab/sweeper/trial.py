@@ -24,15 +24,16 @@ def in_trial() -> bool:
     return bool(os.environ.get(ENV_TRIAL))
 
 
-def instantiate_pruner(config: dict[str, Any] | None) -> Any:
-    """An Optuna pruner from ``{"_target_": "optuna.pruners.MedianPruner", **kwargs}`` (None: no pruning)."""
+def instantiate_pruner(config: dict[str, Any] | None, warn: bool = True) -> Any:
+    """An Optuna pruner from ``{"_target_": "optuna.pruners.MedianPruner", **kwargs}`` (None: no pruning);
+    ``warn=False``: say nothing of the keys it drops (in a trial: its sweep process said it once)."""
     import optuna
 
     if not config:
         return optuna.pruners.NopPruner()
     from cifarlab.sweeper.runner import instantiate_target
 
-    return instantiate_target(config, "pruner")
+    return instantiate_target(config, "pruner", warn=warn)
 
 
 class TrialReporter:
@@ -46,7 +47,7 @@ class TrialReporter:
         env = dict(os.environ if environ is None else environ)
         self.monitor = env.get(ENV_MONITOR) or None
         self.number = env.get(ENV_TRIAL_NUMBER, "?")
-        pruner = instantiate_pruner(json.loads(env.get(ENV_PRUNER) or "null"))
+        pruner = instantiate_pruner(json.loads(env.get(ENV_PRUNER) or "null"), warn=False)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = make_storage(env[ENV_STORAGE])
         study = optuna.load_study(
