@@ -350,6 +350,17 @@ def test_benchmark_async_beats_batch_synchronous(tmp_path):
     assert result["ratio"] > 1.1 and result["speedup"] > 1.1, describe(result)
 
 
+def test_the_wandb_preload_benchmark_runs_both_variants(tmp_path):
+    from cifarlab.sweeper.bench import describe_wandb_preload, wandb_preload
+
+    result = wandb_preload(n_trials=2, slots=2, repeats=1, workdir=str(tmp_path))
+    for variant in ("without", "with"):
+        (run,) = result[variant]["runs"]
+        assert run["trials"] == 2 and run["wall_s"] > 0
+    assert result["wall_ratio"] > 0
+    assert describe_wandb_preload(result).startswith("warm W&B trials (2 synthetic_tiny trials, 2 slots")
+
+
 # ---- PostgreSQL ------------------------------------------------------------------------------------------------------
 
 

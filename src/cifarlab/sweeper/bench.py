@@ -16,7 +16,10 @@ the same runner (:class:`cifarlab.sweeper.runner.Sweep`; ``sync_batches`` adds t
 - simulated: trials that sleep for deliberately varied durations (:mod:`cifarlab.sweeper.sleep_task`);
 - real (``--real``): short ``train.py`` trials (``hparams_search=synthetic_tiny``) of 1 or 5 epochs.
 
-    python -m cifarlab.sweeper.bench [--slots 2] [--real] [--warm-start [N]] [--json out.json]
+3. W&B's imports in the fork server (:func:`wandb_preload`): warm trials that log to W&B, with and without
+   them preloaded.
+
+    python -m cifarlab.sweeper.bench [--slots 2] [--real] [--warm-start [N]] [--wandb-preload [R]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -174,6 +177,41 @@ def sweep_overhead(journal: Path, study_name: str, slots: int) -> dict[str, floa
     }
 
 
+def _timed_sweep(
+    tmp: Path, name: str, overrides: list[str], env: dict[str, str], slots: int
+) -> dict[str, Any]:
+    """Run ``python train.py -m hparams_search=synthetic_tiny <overrides>`` (no pruning, no plots) into
+    ``tmp/name``; its :func:`sweep_overhead` figures, the command's wall time and, on a GPU, its busy fraction."""
+    script = Path(__file__).resolve().parents[3] / "train.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: run the sweeper's benchmarks from a cifarlab checkout")
+    sweep_dir = tmp / name
+    cmd = [
+        sys.executable,
+        str(script),
+        "-m",
+        "hparams_search=synthetic_tiny",
+        f"hydra.sweeper.n_jobs={slots}",
+        "hydra/sweeper/pruner=none",
+        "hydra.sweeper.plots=false",
+        f"hydra.sweep.dir={sweep_dir}",
+        *overrides,
+    ]
+    stop, samples = threading.Event(), []
+    sampler = threading.Thread(target=_gpu_sampler, args=(stop, samples), daemon=True)
+    sampler.start()
+    t0 = time.time()
+    result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
+    stop.set()
+    sampler.join()
+    if result.returncode != 0:
+        raise RuntimeError(f"the {name} sweep failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
+    figures = sweep_overhead(sweep_dir / "journal.log", "synthetic_tiny", slots)
+    figures["command_s"] = round(time.time() - t0, 2)
+    figures["gpu_busy"] = round(sum(samples) / len(samples), 3) if samples else None
+    return figures
+
+
 def warm_start(
     n_trials: int = 8,
     slots: int = 2,
@@ -181,40 +219,12 @@ def warm_start(
     modes: tuple[str, ...] = ("subprocess", "fork"),
 ) -> dict[str, Any]:
     """The same synthetic_tiny sweep (no pruning) started the old way and the warm way, one after the other."""
-    root = Path(__file__).resolve().parents[3]
-    script = root / "train.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: run the warm-start benchmark from a cifarlab checkout")
     out: dict[str, Any] = {"kind": "warm_start", "slots": slots, "n_trials": n_trials}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         env = {**os.environ, "CIFARLAB_DATA_DIR": str(Path(tmp) / "data"), "WANDB_MODE": "disabled"}
         for mode in modes:
-            sweep_dir = Path(tmp) / mode
-            cmd = [
-                sys.executable,
-                str(script),
-                "-m",
-                "hparams_search=synthetic_tiny",
-                f"hydra.sweeper.n_trials={n_trials}",
-                f"hydra.sweeper.n_jobs={slots}",
-                "hydra/sweeper/pruner=none",
-                f"hydra.sweeper.launch={mode}",
-                "hydra.sweeper.plots=false",
-                f"hydra.sweep.dir={sweep_dir}",
-            ]
-            stop, samples = threading.Event(), []
-            sampler = threading.Thread(target=_gpu_sampler, args=(stop, samples), daemon=True)
-            sampler.start()
-            t0 = time.time()
-            result = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
-            stop.set()
-            sampler.join()
-            if result.returncode != 0:
-                raise RuntimeError(f"the {mode} sweep failed: {result.stdout[-2000:]}{result.stderr[-2000:]}")
-            figures = sweep_overhead(sweep_dir / "journal.log", "synthetic_tiny", slots)
-            figures["command_s"] = round(time.time() - t0, 2)
-            figures["gpu_busy"] = round(sum(samples) / len(samples), 3) if samples else None
-            out[mode] = figures
+            overrides = [f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweeper.launch={mode}"]
+            out[mode] = _timed_sweep(Path(tmp), mode, overrides, env, slots)
     if "subprocess" in out and "fork" in out:
         old, warm = out["subprocess"], out["fork"]
         out["overhead_ratio"] = round(
@@ -222,6 +232,47 @@ def warm_start(
         )
         out["speedup"] = round(warm["trials_per_min"] / max(old["trials_per_min"], 1e-9), 2)
     return out
+
+
+def wandb_preload(
+    n_trials: int = 8, slots: int = 2, repeats: int = 3, workdir: str | None = None
+) -> dict[str, Any]:
+    """Warm trials that log to W&B (offline), with the fork server importing W&B's lazy imports (the default,
+    :data:`cifarlab.sweeper.launch_fork.WANDB_PRELOAD`) and without (``hydra.sweeper.preload`` set to the rest):
+    the same sweep ``repeats`` times each, alternated; medians."""
+    from statistics import median
+
+    from cifarlab.sweeper.launch_fork import DEFAULT_PRELOAD
+
+    out: dict[str, Any] = {"kind": "wandb_preload", "slots": slots, "n_trials": n_trials, "repeats": repeats}
+    runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        env = {**os.environ, "CIFARLAB_DATA_DIR": str(Path(tmp) / "data"), "WANDB_MODE": "offline"}
+        base = [f"hydra.sweeper.n_trials={n_trials}", "hydra.sweeper.launch=fork", "logger=wandb"]
+        for rep in range(repeats):
+            for variant in ("without", "with"):
+                extra = (
+                    [f"hydra.sweeper.preload=[{','.join(DEFAULT_PRELOAD)}]"] if variant == "without" else []
+                )
+                runs[variant].append(_timed_sweep(Path(tmp), f"{variant}{rep}", base + extra, env, slots))
+    for variant, results in runs.items():
+        out[variant] = {
+            key: median(r[key] for r in results)
+            for key in ("wall_s", "overhead_per_trial_s", "trials_per_min")
+        }
+        out[variant]["runs"] = results
+    out["wall_ratio"] = round(out["without"]["wall_s"] / max(out["with"]["wall_s"], 1e-9), 2)
+    return out
+
+
+def describe_wandb_preload(result: dict[str, Any]) -> str:
+    a, b = result["without"], result["with"]
+    return (
+        f"warm W&B trials ({result['n_trials']} synthetic_tiny trials, {result['slots']} slots, median of "
+        f"{result['repeats']}): without W&B preloaded {a['wall_s']:.1f} s ({a['overhead_per_trial_s']:.1f} s "
+        f"overhead per trial), with {b['wall_s']:.1f} s ({b['overhead_per_trial_s']:.1f} s) → "
+        f"{result['wall_ratio']:.2f}x"
+    )
 
 
 def describe_warm_start(result: dict[str, Any]) -> str:
@@ -270,6 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="also run an N-trial synthetic_tiny sweep the old way and the warm way (default N: 8; minutes)",
     )
+    parser.add_argument(
+        "--wandb-preload",
+        type=int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="R",
+        help="also run 8 warm trials that log to W&B with and without W&B preloaded, R times each (default 3)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     t0 = time.time()
@@ -279,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.warm_start:
         results.append(warm_start(args.warm_start, args.slots))
         print(describe_warm_start(results[-1]), flush=True)
+    if args.wandb_preload:
+        results.append(wandb_preload(slots=args.slots, repeats=args.wandb_preload))
+        print(describe_wandb_preload(results[-1]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(

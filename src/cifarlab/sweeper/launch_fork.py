@@ -62,7 +62,8 @@ DEFAULT_PRELOAD = (
 )
 # and, when the task logs to W&B, what a W&B run imports lazily: wandb itself (0.45 s), the module wandb.init
 # imports for launch job inputs (0.5 s), pandas, which wandb's log imports to test for data frames as soon as a
-# run logs media (0.4 s). On a 2-core AMD EPYC that took 8 warm W&B trials on 2 slots from 21.5 s to 15.1 s.
+# run logs media (0.4 s). 8 warm W&B trials on 2 slots: 15.3 s -> 12.9 s on a 2-core AMD EPYC
+# (python -m cifarlab.sweeper.bench --wandb-preload).
 WANDB_PRELOAD = ("wandb", "wandb.sdk.launch.inputs.internal", "pandas")
 ENV_PRELOAD = "CIFARLAB_FORKSERVER_PRELOAD"  # comma-separated modules, read by cifarlab.sweeper.preload
 ENV_MAIN = "CIFARLAB_FORKSERVER_MAIN"  # the task script, imported by cifarlab.sweeper.preload as __mp_main__
