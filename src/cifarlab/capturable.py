@@ -86,15 +86,17 @@ def _as_float32(value):
     return value.float() if isinstance(value, torch.Tensor) else value
 
 
+def device_scalar(value, like: torch.Tensor) -> torch.Tensor:
+    """A state value (a step count, a decayed rate) on ``like``'s device: a number as a float32 scalar tensor, a
+    tensor (torch's host counter, a checkpoint's) moved there once, in an eager step before any capture."""
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
+    return value if value.device == like.device else value.to(like.device)
+
+
 def _device_step(state: dict, like: torch.Tensor) -> torch.Tensor:
-    """The state's step counter on ``like``'s device (a new one, or torch's from the host, moved once, in an
-    eager step before any capture), counted up by one."""
-    step = state.get("step")
-    if step is None:
-        step = torch.zeros((), dtype=torch.float32, device=like.device)
-    elif step.device != like.device:
-        step = step.to(like.device)
-    state["step"] = step
+    """The state's step counter on ``like``'s device (:func:`device_scalar`; 0 if new), counted up by one."""
+    state["step"] = step = device_scalar(state.get("step", 0), like)
     step += 1
     return step
 

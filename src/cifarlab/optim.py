@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from cifarlab.capturable import PerParameterStep
+from cifarlab.capturable import PerParameterStep, device_scalar
 
 __all__ = [
     "COURSE_OPTIMIZERS",
@@ -64,14 +64,6 @@ def _check(
     if not (above and below):
         left, right = "(" if low_open else "[", ")" if high_open else "]"
         raise ValueError(f"invalid {name}={value!r}; allowed: {left}{low}, {high}{right}")
-
-
-def _device_scalar(value: float | Tensor, like: Tensor) -> Tensor:
-    """A float state value (a step count, a decayed rate) as a float32 scalar on ``like``'s device; a tensor
-    as it is (state of a capturable run, or a checkpoint of one)."""
-    if isinstance(value, Tensor):
-        return value
-    return torch.tensor(float(value), dtype=torch.float32, device=like.device)
 
 
 def _host_number(value: float | Tensor) -> float:
@@ -318,7 +310,7 @@ class Adam(_CourseOptimizer):
         capturable = group["capturable"]
         # t on the device when capturable (a graph replays what it recorded: a host count would stay at the
         # capture's value), else a Python int; either way as a checkpoint of the other kind has it
-        state["step"] = _device_scalar(state["step"], p) if capturable else _host_number(state["step"])
+        state["step"] = device_scalar(state["step"], p) if capturable else _host_number(state["step"])
         state["step"] += 1
         t = state["step"]
         v, s = state["exp_avg"], state["exp_avg_sq"]
@@ -365,7 +357,7 @@ class DecayedGD(_CourseOptimizer):
     def _update(self, p: Tensor, g: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         factor = state.get("lr_factor", 1.0)
         if group["capturable"]:  # the factor on the device, decayed in place
-            factor = state["lr_factor"] = _device_scalar(factor, p)
+            factor = state["lr_factor"] = device_scalar(factor, p)
             factor.mul_(group["decay"])
             p.sub_(g.mul(factor).mul_(group["lr"]))
             return
