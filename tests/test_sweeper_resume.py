@@ -22,10 +22,12 @@ from conftest import sweep_env
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from cifarlab.sweeper.runner import unrecorded_dir
 from cifarlab.sweeper.study import (
     DUPLICATE_OF,
     FAIL_REASON,
     JOB_DIR,
+    OWNER,
     RETRIED,
     RETRY_OF,
     Dedupe,
@@ -174,6 +176,42 @@ def test_trials_of_a_killed_sweep_are_run_again_to_exactly_n_trials(tmp_path):
     dirs = [t.user_attrs[JOB_DIR] for t in trials]
     assert len(set(dirs)) == len(dirs) == len(list(sweep.glob("trial_*")))
     assert "2 complete, 0 pruned, 0 failed" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_folder_made_by_a_launch_the_kill_cut_short_is_its_trials(tmp_path):
+    """A sweep process killed between making a trial's folder and recording it in the trial (seen once in CI: an
+    interrupted trial without a job_dir, its empty folder nobody's). The next sweep process records the folder in
+    the interrupted trial, runs its parameters again in a new one, and every folder is then exactly one trial's."""
+    sweep = tmp_path / "sweep"
+    _run(_cmd(tmp_path, SEEDED, sweep, SLEEP_TASK, "hydra.sweeper.n_trials=1"), tmp_path)
+    study = optuna.load_study(study_name="seeded", storage=make_storage(f"journal:{sweep}/journal.log"))
+    cut = study.ask({"x": FloatDistribution(0.0, 1.0)})  # the launch the kill cut short ...
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that is gone: its sweep process died
+    study._storage.set_trial_user_attr(cut._trial_id, OWNER, str(Owner(Owner.me().host, dead.pid, "")))
+    (sweep / "trial_0001").mkdir()  # ... after claim_dir, before the trial named its folder
+
+    result = _run(_cmd(tmp_path, SEEDED, sweep, SLEEP_TASK, "hydra.sweeper.n_trials=2"), tmp_path)
+    trials = _trials(sweep, "seeded")
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs[FAIL_REASON] == "stale"
+    assert trials[1].user_attrs[JOB_DIR] == str(sweep / "trial_0001")
+    retry = [t for t in trials if t.user_attrs.get(RETRY_OF) == 1]
+    assert len(retry) == 1 and retry[0].params == cut.params and retry[0].state == TrialState.COMPLETE
+    dirs = [t.user_attrs[JOB_DIR] for t in trials]
+    assert len(set(dirs)) == len(dirs) == len(list(sweep.glob("trial_*"))) == 3
+    assert "trials [1] were left running by a dead sweep process" in result.stdout
+
+
+def test_only_an_empty_last_claimed_folder_is_taken_for_an_unrecorded_trials(tmp_path):
+    assert unrecorded_dir(tmp_path, 3) is None  # never made
+    (tmp_path / "trial_0003").mkdir()
+    assert unrecorded_dir(tmp_path, 3) == tmp_path / "trial_0003"
+    (tmp_path / "trial_0003" / "trial.log").write_text("launched")  # a launched trial's: not this one's
+    assert unrecorded_dir(tmp_path, 3) is None
+    (tmp_path / "trial_0003-1").mkdir()  # claim_dir's next name for the same number (another study's folder)
+    assert unrecorded_dir(tmp_path, 3) == tmp_path / "trial_0003-1"
 
 
 # ---- seeded studies: reproducible, never a parameter set twice -------------------------------------------------

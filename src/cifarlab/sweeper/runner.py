@@ -137,6 +137,19 @@ def claim_dir(sweep_dir: Path, number: int) -> Path:
     raise SweepError(f"cannot create a job folder for trial {number} in {sweep_dir}")
 
 
+def unrecorded_dir(sweep_dir: Path, number: int) -> Path | None:
+    """The folder :func:`claim_dir` made last for trial ``number`` when it is still empty: a sweep process killed
+    between making it and recording it in the trial left it so (a launched trial's folder holds its log)."""
+    base = f"trial_{number:04d}"
+    last = None
+    for k in range(1000):
+        path = sweep_dir / (base if k == 0 else f"{base}-{k}")
+        if not path.is_dir():
+            break
+        last = path
+    return last if last is not None and not any(last.iterdir()) else None
+
+
 # ---- the sweep --------------------------------------------------------------------------------------------
 
 
@@ -552,7 +565,13 @@ class Sweep:
         """A trial of a dead sweep process that finished anyway (its metrics.json says so) is recorded as such
         instead of being re-run. True when recorded (here or by another process)."""
         job_dir = frozen.user_attrs.get(JOB_DIR)
-        metrics = self._outcome(Path(job_dir)) if job_dir else None
+        if job_dir is None:  # killed before it recorded its folder: the folder is the trial's all the same
+            orphan = unrecorded_dir(self.sweep_dir, frozen.number)
+            if orphan is not None:
+                with contextlib.suppress(ValueError, RuntimeError):  # finished by another process meanwhile
+                    study._storage.set_trial_user_attr(frozen._trial_id, JOB_DIR, str(orphan))
+            return False
+        metrics = self._outcome(Path(job_dir))
         if not metrics or metrics.get("status") not in ("completed", "pruned", "failed"):
             return False
         attrs: dict[str, Any] = {METRICS: {k: v for k, v in metrics.items() if _finite(v)}, "recovered": True}
