@@ -565,7 +565,7 @@ class Sweep:
         """A trial of a dead sweep process that finished anyway (its metrics.json says so) is recorded as such
         instead of being re-run. True when recorded (here or by another process)."""
         job_dir = frozen.user_attrs.get(JOB_DIR)
-        if job_dir is None:  # killed before it recorded its folder: the folder is the trial's all the same
+        if not job_dir:  # killed before it recorded its folder: the folder is the trial's all the same
             orphan = unrecorded_dir(self.sweep_dir, frozen.number)
             if orphan is not None:
                 with contextlib.suppress(ValueError, RuntimeError):  # finished by another process meanwhile
