@@ -25,7 +25,7 @@ import re
 import signal
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,12 +123,17 @@ def instantiate_target(config: Mapping[str, Any], what: str = "object", warn: bo
     return cls(**cfg)
 
 
+def _dir_names(sweep_dir: Path, number: int) -> Iterator[Path]:
+    """The job folders trial ``number`` may get, in the order :func:`claim_dir` tries them."""
+    base = f"trial_{number:04d}"
+    for k in range(1000):
+        yield sweep_dir / (base if k == 0 else f"{base}-{k}")
+
+
 def claim_dir(sweep_dir: Path, number: int) -> Path:
     """Create a fresh job folder for trial ``number``: ``trial_0007`` (``trial_0007-1`` if that exists, ...)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    base = f"trial_{number:04d}"
-    for k in range(1000):
-        path = sweep_dir / (base if k == 0 else f"{base}-{k}")
+    for path in _dir_names(sweep_dir, number):
         try:
             path.mkdir()
             return path
@@ -140,10 +145,8 @@ def claim_dir(sweep_dir: Path, number: int) -> Path:
 def unrecorded_dir(sweep_dir: Path, number: int) -> Path | None:
     """The folder :func:`claim_dir` made last for trial ``number`` when it is still empty: a sweep process killed
     between making it and recording it in the trial left it so (a launched trial's folder holds its log)."""
-    base = f"trial_{number:04d}"
     last = None
-    for k in range(1000):
-        path = sweep_dir / (base if k == 0 else f"{base}-{k}")
+    for path in _dir_names(sweep_dir, number):
         if not path.is_dir():
             break
         last = path
@@ -563,7 +566,8 @@ class Sweep:
 
     def _recover_finished(self, study: Any, frozen: Any) -> bool:
         """A trial of a dead sweep process that finished anyway (its metrics.json says so) is recorded as such
-        instead of being re-run. True when recorded (here or by another process)."""
+        instead of being re-run. True when recorded (here or by another process). One killed before it named its
+        folder gets that folder as its job_dir (it did not finish: False)."""
         job_dir = frozen.user_attrs.get(JOB_DIR)
         if not job_dir:  # killed before it recorded its folder: the folder is the trial's all the same
             orphan = unrecorded_dir(self.sweep_dir, frozen.number)
