@@ -53,39 +53,52 @@ def _measure(settings: SweepSettings, slots: int) -> dict[str, float]:
     }
 
 
-def simulated(
-    slots: int = 2, durations: tuple[float, ...] = DURATIONS, workdir: str | None = None
-) -> dict[str, Any]:
-    """Sleep trials of the given durations, in this order, asynchronously and in synchronous batches."""
-    out: dict[str, Any] = {"kind": "simulated", "slots": slots, "durations": list(durations)}
+def _async_against_sync(out: dict[str, Any], slots: int, workdir: str | None, **task: Any) -> dict[str, Any]:
+    """The same trials asynchronously and in synchronous batches, into ``out`` with their ratios.
+
+    ``task``: the :class:`SweepSettings` that say which trials (``task_cwd`` None: the temporary folder).
+    """
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        task["task_cwd"] = task.get("task_cwd") or tmp
         for mode in ("async", "sync"):
             sweep_dir = Path(tmp) / mode
-            choices = ", ".join(repr(float(d)) for d in sorted(set(durations)))
             settings = SweepSettings(
                 study_name=f"bench_{mode}",
                 storage=f"journal:{sweep_dir}/journal.log",
                 sweep_dir=str(sweep_dir),
-                task_command=[sys.executable, "-m", "cifarlab.sweeper.sleep_task"],
-                task_cwd=tmp,
-                monitor=None,
+                monitor=None,  # no pruning: both modes run exactly the same trials
                 sampler={"_target_": "optuna.samplers.RandomSampler", "seed": 0},
-                n_trials=len(durations),
-                # `index` makes every parameter set distinct: a study never evaluates one twice
-                params={"sleep": f"choice({choices})", "index": f"range(0, {len(durations) - 1}, 1)"},
-                enqueue_trials=[{"sleep": float(d), "index": i} for i, d in enumerate(durations)],
-                set_logger_group=False,
                 set_run_name=False,
-                poll_interval=0.02,
                 plots=False,
                 quiet=True,
                 wandb_summary=False,
                 sync_batches=(mode == "sync"),
+                **task,
             )
             out[mode] = _measure(settings, slots)
     out["ratio"] = round(out["async"]["utilisation"] / max(out["sync"]["utilisation"], 1e-9), 3)
     out["speedup"] = round(out["sync"]["wall_s"] / max(out["async"]["wall_s"], 1e-9), 3)
     return out
+
+
+def simulated(
+    slots: int = 2, durations: tuple[float, ...] = DURATIONS, workdir: str | None = None
+) -> dict[str, Any]:
+    """Sleep trials of the given durations, in this order, asynchronously and in synchronous batches."""
+    choices = ", ".join(repr(float(d)) for d in sorted(set(durations)))
+    return _async_against_sync(
+        {"kind": "simulated", "slots": slots, "durations": list(durations)},
+        slots,
+        workdir,
+        task_command=[sys.executable, "-m", "cifarlab.sweeper.sleep_task"],
+        task_cwd=None,
+        n_trials=len(durations),
+        # `index` makes every parameter set distinct: a study never evaluates one twice
+        params={"sleep": f"choice({choices})", "index": f"range(0, {len(durations) - 1}, 1)"},
+        enqueue_trials=[{"sleep": float(d), "index": i} for i, d in enumerate(durations)],
+        set_logger_group=False,
+        poll_interval=0.02,
+    )
 
 
 def real(
@@ -96,39 +109,20 @@ def real(
     script = root / "train.py"
     if not script.is_file():
         raise FileNotFoundError(f"{script} not found: run the real benchmark from a cifarlab checkout")
-    out: dict[str, Any] = {"kind": "real", "slots": slots, "epochs": list(epochs)}
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        for mode in ("async", "sync"):
-            sweep_dir = Path(tmp) / mode
-            settings = SweepSettings(
-                study_name=f"bench_{mode}",
-                storage=f"journal:{sweep_dir}/journal.log",
-                sweep_dir=str(sweep_dir),
-                task_command=[sys.executable, str(script)],
-                task_cwd=str(root),
-                monitor=None,  # no pruning: both modes run exactly the same trials
-                sampler={"_target_": "optuna.samplers.RandomSampler", "seed": 0},
-                n_trials=len(epochs),
-                arguments=[
-                    "hparams_search=synthetic_tiny",
-                    "data.image_size=32",
-                    "trainer.limit_train_batches=30",
-                ],
-                params={
-                    "trainer.max_epochs": f"choice({', '.join(str(e) for e in sorted(set(epochs)))})",
-                    "optimizer.lr": "tag(log, interval(1e-3, 1e-2))",
-                },
-                enqueue_trials=[{"trainer.max_epochs": e} for e in epochs],
-                set_run_name=False,
-                plots=False,
-                quiet=True,
-                wandb_summary=False,
-                sync_batches=(mode == "sync"),
-            )
-            out[mode] = _measure(settings, slots)
-    out["ratio"] = round(out["async"]["utilisation"] / max(out["sync"]["utilisation"], 1e-9), 3)
-    out["speedup"] = round(out["sync"]["wall_s"] / max(out["async"]["wall_s"], 1e-9), 3)
-    return out
+    return _async_against_sync(
+        {"kind": "real", "slots": slots, "epochs": list(epochs)},
+        slots,
+        workdir,
+        task_command=[sys.executable, str(script)],
+        task_cwd=str(root),
+        n_trials=len(epochs),
+        arguments=["hparams_search=synthetic_tiny", "data.image_size=32", "trainer.limit_train_batches=30"],
+        params={
+            "trainer.max_epochs": f"choice({', '.join(str(e) for e in sorted(set(epochs)))})",
+            "optimizer.lr": "tag(log, interval(1e-3, 1e-2))",
+        },
+        enqueue_trials=[{"trainer.max_epochs": e} for e in epochs],
+    )
 
 
 def _gpu_sampler(stop: threading.Event, samples: list[float]) -> None:
