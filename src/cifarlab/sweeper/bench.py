@@ -56,10 +56,10 @@ def _measure(settings: SweepSettings, slots: int) -> dict[str, float]:
 def _async_against_sync(out: dict[str, Any], slots: int, workdir: str | None, **task: Any) -> dict[str, Any]:
     """The same trials asynchronously and in synchronous batches, into ``out`` with their ratios.
 
-    ``task``: the :class:`SweepSettings` that say which trials (``task_cwd`` None: the temporary folder).
+    ``task``: the :class:`SweepSettings` that say which trials (without ``task_cwd``: the temporary folder).
     """
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        task["task_cwd"] = task.get("task_cwd") or tmp
+        task.setdefault("task_cwd", tmp)
         for mode in ("async", "sync"):
             sweep_dir = Path(tmp) / mode
             settings = SweepSettings(
@@ -91,7 +91,6 @@ def simulated(
         slots,
         workdir,
         task_command=[sys.executable, "-m", "cifarlab.sweeper.sleep_task"],
-        task_cwd=None,
         n_trials=len(durations),
         # `index` makes every parameter set distinct: a study never evaluates one twice
         params={"sleep": f"choice({choices})", "index": f"range(0, {len(durations) - 1}, 1)"},
