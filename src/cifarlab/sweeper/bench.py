@@ -53,6 +53,14 @@ def _measure(settings: SweepSettings, slots: int) -> dict[str, float]:
     }
 
 
+def _train_script() -> Path:
+    """The checkout's ``train.py``, which the benchmarks with real trials run."""
+    script = Path(__file__).resolve().parents[3] / "train.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: run the sweeper's benchmarks from a cifarlab checkout")
+    return script
+
+
 def _async_against_sync(out: dict[str, Any], slots: int, workdir: str | None, **task: Any) -> dict[str, Any]:
     """The same trials asynchronously and in synchronous batches, into ``out`` with their ratios.
 
@@ -104,16 +112,13 @@ def real(
     slots: int = 2, epochs: tuple[int, ...] = (1, 5, 1, 5, 5, 1), workdir: str | None = None
 ) -> dict[str, Any]:
     """Short synthetic train.py trials of 1 or 5 epochs (in this order), asynchronously and in synchronous batches."""
-    root = Path(__file__).resolve().parents[3]
-    script = root / "train.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: run the real benchmark from a cifarlab checkout")
+    script = _train_script()
     return _async_against_sync(
         {"kind": "real", "slots": slots, "epochs": list(epochs)},
         slots,
         workdir,
         task_command=[sys.executable, str(script)],
-        task_cwd=str(root),
+        task_cwd=str(script.parent),
         n_trials=len(epochs),
         arguments=["hparams_search=synthetic_tiny", "data.image_size=32", "trainer.limit_train_batches=30"],
         params={
@@ -175,9 +180,7 @@ def _timed_sweep(
 ) -> dict[str, Any]:
     """Run ``python train.py -m hparams_search=synthetic_tiny <overrides>`` (no pruning, no plots) into
     ``tmp/name``; its :func:`sweep_overhead` figures, the command's wall time and, on a GPU, its busy fraction."""
-    script = Path(__file__).resolve().parents[3] / "train.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: run the sweeper's benchmarks from a cifarlab checkout")
+    script = _train_script()
     sweep_dir = tmp / name
     cmd = [
         sys.executable,
