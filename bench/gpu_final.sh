@@ -7,7 +7,7 @@ set -u
 OUT=${OUT:-/tmp/final}; mkdir -p "$OUT"
 # At most 8 files come back from the device machine: the GPU's name goes into step_check.txt.
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/step_check.txt"
-timeout 90 python3 bench/gpu_step_check.py --steps 60 --out "$OUT/step_check.json" >> "$OUT/step_check.txt" 2>&1
+timeout 90 python3 bench/gpu_step_check.py --steps 40 --out "$OUT/step_check.json" >> "$OUT/step_check.txt" 2>&1
 tail -18 "$OUT/step_check.txt"  # 7 optimizers x fp32/bf16, then evaluation
 timeout 150 python3 -m cifarlab.bench --images 45000 --repeats 3 --batch-size 64 --precision 32 --data cifar10 \
   --trials 1 --trial-batch-size 64 --no-seed-baseline --no-startup --no-sweeper --set data.augment=false \

@@ -3,7 +3,7 @@
 set -u
 OUT=${OUT:-/tmp/smoke}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 60 python3 bench/gpu_step_check.py --steps 60 --out "$OUT/step_check.json" 2>&1 | tail -8
+timeout 60 python3 bench/gpu_step_check.py --steps 40 --out "$OUT/step_check.json" 2>&1 | tail -8
 ( time timeout 60 python3 train.py data=cifar10 data.download=false trainer.max_epochs=1 logger=none \
     callbacks.figures=false hydra.run.dir=/tmp/smoke-run ) > "$OUT/train.txt" 2>&1
 tail -6 "$OUT/train.txt"
