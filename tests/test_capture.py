@@ -376,6 +376,21 @@ def test_cifarlabs_capturable_forms_run_captured_and_replay_what_their_eager_ste
     assert_identical_parameters(captured.net, eager.net)
 
 
+@pytest.mark.parametrize("precision,augment", [("32", "false"), ("bf16-mixed", "true")])
+def test_the_benchs_captured_plain_loop_runs_here_on_emulated_graphs(precision, augment, graphs, tmp_path):
+    """(b'), ``make bench``'s captured plain loop, runs only where graphs are (a GPU): on emulated ones it times an
+    epoch of captured replays, in both of the GPU session's settings (batch 64 fp32; bf16 with augmentation)."""
+    from cifarlab import bench
+
+    graphs.setattr(cifarlab.step, "GRAPH_DEVICES", ("cuda", "cpu"))
+    overrides = bench.train_overrides(640, "synthetic", 64, precision, False, 0, [f"data.augment={augment}"])
+    job = {"overrides": overrides, "images": 640, "seed": 0, "warmup_steps": 3, "output_dir": str(tmp_path)}
+    result = bench.JOBS["captured"]({**job, "kind": "captured"})
+    assert result["step_mode"] == "captured" and result["precision"] == precision
+    assert result["images"] == 640 and result["steps"] == 10
+    assert result["img_per_s"] > 0 and result["steady_img_per_s"] > 0  # steady: after the 3 warm-up steps
+
+
 @pytest.mark.slow
 def test_the_gpu_step_check_runs_here_on_emulated_graphs(tmp_path):
     """bench/gpu_step_check.py, the captured-vs-eager check of a GPU session, as a dry run on this CPU: it runs
