@@ -260,14 +260,28 @@ def test_killed_sweep_resumes_to_exactly_n_trials_without_overwriting(tmp_path):
 
 
 def test_ctrl_c_stops_running_trials_and_queues_them_again(tmp_path):
+    """Ctrl-C stops both running trials; their parameters are queued again in the order the trials started,
+    though trial 0 takes 1.5 s to exit on SIGTERM and trial 1 exits at once."""
     conf = _conf(tmp_path, "sleepy", SLEEPY)
     sweep = tmp_path / "sweep"
-    cmd = _cmd(conf, "sleepy", sweep, SLEEP_TASK, "hydra.sweeper.n_trials=4", "hydra.sweeper.params.sleep=30")
+    slow_first = [
+        "+hydra.sweeper.params.term_delay='choice(0.0,1.5)'",
+        "hydra.sweeper.enqueue_trials=[{term_delay:1.5},{term_delay:0.0}]",
+    ]
+    cmd = _cmd(
+        conf,
+        "sleepy",
+        sweep,
+        SLEEP_TASK,
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.params.sleep=30",
+        *slow_first,
+    )
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     deadline = time.time() + 120
-    while len(list(sweep.glob("trial_*/trial.log"))) < 2 and time.time() < deadline:
+    while len(list(sweep.glob("trial_*/trial.log"))) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -276,6 +290,7 @@ def test_ctrl_c_stops_running_trials_and_queues_them_again(tmp_path):
     trials = _trials(f"journal:{sweep}/journal.log", "sleepy")
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.WAITING] * 2
     assert all(t.user_attrs[FAIL_REASON] == "interrupted" for t in trials[:2])
+    assert [t.params["term_delay"] for t in trials[:2]] == [1.5, 0.0]
     assert [t.user_attrs[RETRY_OF] for t in trials[2:]] == [0, 1]
     assert "re-run the same command to resume" in out and (sweep / "trials.csv").exists()
 

@@ -646,17 +646,19 @@ class Sweep:
         for run in self.running.values():
             run.killed_by_us = True
             signal_group(run.proc, signal.SIGTERM)
+        # Wait for them all before recording any: recorded in the order they started, their parameters are
+        # queued again in that order, whichever process happens to exit first.
         deadline = time.time() + self.s.kill_grace
         try:
-            while self.running and time.time() < deadline:
-                self._reap(study)
+            while time.time() < deadline and any(r.proc.poll() is None for r in self.running.values()):
                 time.sleep(0.1)
         except KeyboardInterrupt:
             pass
         for run in list(self.running.values()):
-            signal_group(run.proc, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                run.proc.wait(timeout=10)
+            if run.proc.poll() is None:
+                signal_group(run.proc, signal.SIGKILL)
+                with contextlib.suppress(Exception):
+                    run.proc.wait(timeout=10)
         while self.running:
             before = len(self.running)
             self._reap(study)

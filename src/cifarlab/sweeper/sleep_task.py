@@ -6,13 +6,14 @@ Reads Hydra-style ``key=value`` overrides, sleeps ``sleep`` seconds (split over 
 each epoch to its Optuna trial when started by the sweeper (and stops when pruned), and writes
 ``<hydra.run.dir>/metrics.json`` like :func:`cifarlab.train.run`: ``val/acc_best = 1 - (x - 0.3)²`` (or 0.5),
 ``duration_s``, ``status``. ``fail=true`` raises (status failed, exit 1), ``nan=true`` gives a NaN objective,
-``crash=true`` exits 3 without metrics.json.
+``crash=true`` exits 3 without metrics.json, ``term_delay=S`` takes S seconds to exit on SIGTERM (exit 143).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,14 @@ def main(argv: list[str]) -> int:
     x = args.get("x")
     score = 1.0 - (float(x) - 0.3) ** 2 if isinstance(x, (int, float)) else 0.5
     metrics: dict[str, object] = {"status": "running", "output_dir": str(out)}
+    delay = float(args.get("term_delay", 0.0))
+    if delay > 0:
+
+        def slow_exit(signum: int, frame: object) -> None:
+            time.sleep(delay)
+            sys.exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, slow_exit)
     if args.get("crash"):
         time.sleep(seconds / 2)
         return 3
