@@ -327,6 +327,12 @@ def not_a_checkpoint(tmp_path_factory) -> Path:
             marks=pytest.mark.slow,
         ),
         ("train.py", ["data=synthetic", "trainer.devices=0"], "error: trainer.devices=0 is not allowed"),
+        (  # a search expression for a sweeper parameter: the key itself takes it
+            "train.py",
+            ["-m", "hparams_search=synthetic_tiny", "hydra.sweeper.params.model.dropout=choice(0.1,0.5)"],
+            "error: hydra.sweeper.params.model.dropout=choice(0.1,0.5) is not allowed: Hydra's own settings take "
+            "no search expression; to search model.dropout, write 'model.dropout=choice(0.1,0.5)'",
+        ),
     ],
 )
 def test_entry_points_print_one_line_and_exit_1(script, args, expected, not_a_checkpoint, tmp_path):

@@ -130,10 +130,31 @@ def one_line(err: BaseException, args: Sequence[str], conf_dir: Path) -> str:
             return f"{arg} is not allowed; allowed: {', '.join(group_options(conf_dir, group))}"
     if isinstance(err, OverrideParseException):
         return f"{err.override} is not a valid override: {str(err).splitlines()[0]}"
+    searched = _searched_sweeper_param(err, args)
+    if searched:
+        return searched
     lines = [str(err).strip().splitlines()[0]]
     if cause is not err and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
     return ": ".join(lines)
+
+
+def _searched_sweeper_param(err: BaseException, args: Sequence[str]) -> str | None:
+    """``hydra.sweeper.params.model.dropout=choice(0.1,0.5)``: Hydra refuses a search over its own settings, and
+    ``params`` keys are dotted names that no ``hydra.sweeper.params.<key>`` override can reach anyway; the same
+    expression on the key itself joins the search space."""
+    if "Sweeping over Hydra's configuration is not supported" not in str(err):
+        return None
+    prefix = "hydra.sweeper.params."
+    for arg in args:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key.startswith(prefix) and key != prefix:
+            param = key[len(prefix) :]
+            return (
+                f"{arg} is not allowed: Hydra's own settings take no search expression; to search {param}, "
+                f"write '{param}={value}' (a search expression on the command line joins the search space)"
+            )
+    return None
 
 
 def _is_schema(schema: Any) -> bool:
