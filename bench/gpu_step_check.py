@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--emulate", action="store_true", help="on the CPU, with emulated CUDA graphs (a dry run)")
     args = p.parse_args()
+    if args.steps < 1 or args.compare_at < 1:
+        p.error(f"--steps ({args.steps}) and --compare-at ({args.compare_at}) must be at least 1")
     compare_at = min(args.compare_at, args.steps)
     optimizers = ("adam", "sgd", "rmsprop", "adagrad", "course_adam", "adam_onecycle", "nesterov_onecycle")
     dev = torch.device("cuda")
