@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,31 @@ def test_make_targets_named_in_the_readme_exist():
     makefile = (ROOT / "Makefile").read_text()
     for target in set(re.findall(r"`make ([a-z-]+)", README)):
         assert re.search(rf"^{target}:", makefile, re.M), target
+
+
+def test_make_dashboard_opens_the_newest_sweep_journal_or_says_there_is_none(tmp_path):
+    """``make dashboard`` picks the newest ``multirun/*/journal.log`` (or ARGS); UV=echo prints the command it would
+    run instead of installing optuna-dashboard and serving."""
+
+    def dashboard(*args):
+        cmd = ["make", "-s", "-f", str(ROOT / "Makefile"), "dashboard", "UV=echo", *args]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    result = dashboard()
+    assert result.returncode != 0 and "no multirun/*/journal.log yet" in result.stderr
+    for i, study in enumerate(["older", "newer"]):
+        (tmp_path / "multirun" / study).mkdir(parents=True)
+        journal = tmp_path / "multirun" / study / "journal.log"
+        journal.write_text("")
+        os.utime(journal, (1_700_000_000 + i, 1_700_000_000 + i))
+    result = dashboard()
+    assert result.returncode == 0, result.stderr
+    assert (
+        result.stdout.splitlines()[-1]
+        == "run --frozen --extra dashboard optuna-dashboard multirun/newer/journal.log"
+    )
+    result = dashboard("ARGS=sqlite:///studies.db --port 8081")
+    assert result.stdout.splitlines()[-1].endswith("optuna-dashboard sqlite:///studies.db --port 8081")
 
 
 @pytest.mark.slow
