@@ -29,12 +29,12 @@ test-fast: install  ## the fast tier only
 	$(PY) -m pytest -n 2 -m "not slow" $(ARGS)
 
 lint: install  ## ruff
-	$(PY) -m ruff check src tests train.py eval.py
-	$(PY) -m ruff format --check src tests train.py eval.py
+	$(PY) -m ruff check src tests bench train.py eval.py
+	$(PY) -m ruff format --check src tests bench train.py eval.py
 
 format: install
-	$(PY) -m ruff format src tests train.py eval.py
-	$(PY) -m ruff check --fix src tests train.py eval.py
+	$(PY) -m ruff format src tests bench train.py eval.py
+	$(PY) -m ruff check --fix src tests bench train.py eval.py
 
 bench: install  ## side-by-side speed benchmark (writes bench/results/*.json)
 	$(PY) -m cifarlab.bench $(ARGS)
