@@ -252,6 +252,23 @@ def test_misspelt_key_names_the_keys_that_exist():
     assert error_line(["optimizer=foo"]).startswith("optimizer=foo is not allowed; allowed: adagrad, adam,")
 
 
+def test_a_key_added_with_plus_past_the_schema_is_refused():
+    """``+key=value`` lets Hydra add a key no schema has: the optimizer would fail after start-up with a traceback,
+    a model/data/trainer key would be ignored without a word."""
+    assert error_line(["optimizer=sgd", "+optimizer.lrr=0.1"]) == (
+        "optimizer.lrr=0.1 is not allowed; allowed: a key of optimizer: lr, momentum, dampening, nesterov"
+    )
+    assert error_line(["scheduler=step", "+scheduler.foo=1"]) == (
+        "scheduler.foo=1 is not allowed; allowed: a key of scheduler: step_size, gamma"
+    )
+    for section in ("model", "data", "trainer", "logger", "callbacks"):
+        _assert_one_line(error_line([f"+{section}.foo=1"]), f"{section}.foo", [f"+{section}.foo=1"])
+    message = error_line(["+foo=1"])
+    assert message.startswith("foo=1 is not allowed; allowed: a key of the config: model, data,")
+    assert message.endswith("a free-form note goes under extras: +extras.<name>=<value>")
+    assert error_line(["+extras.note=baseline", "+extras.nested.deep=1"]) is None
+
+
 def test_issue_cases_in_process(tmp_path):
     """The issue's own examples, each one line naming the setting and what is allowed."""
     assert error_line(["trainer.devices=0"]).startswith("trainer.devices=0 is not allowed; allowed: auto,")
@@ -327,6 +344,16 @@ def not_a_checkpoint(tmp_path_factory) -> Path:
             marks=pytest.mark.slow,
         ),
         ("train.py", ["data=synthetic", "trainer.devices=0"], "error: trainer.devices=0 is not allowed"),
+        (  # Hydra makes the run folder before the task starts: its OSError is the user's to fix
+            "train.py",
+            ["data=synthetic", "hydra.run.dir=A_FILE/run"],
+            "error: hydra.run.dir=A_FILE/run is not allowed: cannot create A_FILE/run (Not a directory)",
+        ),
+        (
+            "train.py",
+            ["-m", "hparams_search=synthetic_tiny", "hydra.sweep.dir=A_FILE/sweep"],
+            "error: hydra.sweep.dir=A_FILE/sweep is not allowed: cannot create A_FILE/sweep (Not a directory)",
+        ),
         (  # a search expression for a sweeper parameter: the key itself takes it
             "train.py",
             ["-m", "hparams_search=synthetic_tiny", "hydra.sweeper.params.model.dropout=choice(0.1,0.5)"],
@@ -336,13 +363,19 @@ def not_a_checkpoint(tmp_path_factory) -> Path:
     ],
 )
 def test_entry_points_print_one_line_and_exit_1(script, args, expected, not_a_checkpoint, tmp_path):
-    args = [a.replace("NOT_A_CKPT", str(not_a_checkpoint)) for a in args]
-    result = run_script([*args, f"hydra.run.dir={tmp_path}/run"], script=script, timeout=120)
+    (tmp_path / "a_file").write_text("")
+    names = {"NOT_A_CKPT": str(not_a_checkpoint), "A_FILE": str(tmp_path / "a_file")}
+
+    def named(text: str) -> str:
+        for name, path in names.items():
+            text = text.replace(name, path)
+        return text
+
+    run_dir = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={tmp_path}/run"]
+    result = run_script([*map(named, args), *run_dir], script=script, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1, result.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith(expected.replace("NOT_A_CKPT", str(not_a_checkpoint))), (
-        lines
-    )
+    assert len(lines) == 1 and lines[0].startswith(named(expected)), lines
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

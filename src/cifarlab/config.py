@@ -1,10 +1,11 @@
 """Typed config schemas (registered in Hydra's ConfigStore) and the range checks run before any work.
 
 Every YAML file under ``conf/`` extends one of these schemas, so a misspelt key or a wrong type fails when
-Hydra composes the config, naming the key. ``validate`` then checks ranges and names, raising
-``ConfigError`` with one line: the setting, the bad value and what is allowed.
+Hydra composes the config, naming the key. ``validate`` then checks ranges and names (and keys that ``+key=value``
+added past the schema), raising ``ConfigError`` with one line: the setting, the bad value and what is allowed.
 """
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -250,8 +251,30 @@ def _capture_blocker(cfg: DictConfig) -> str | None:
     return None
 
 
+def _check_known_keys(node: DictConfig, path: str = "") -> None:
+    """``+optimizer.lrr=0.1`` or ``+model.foo=1``: Hydra lets ``+`` add a key a schema does not have. Unchecked,
+    the optimizer would fail with a traceback after start-up, and a model/data/trainer key would be silently
+    ignored; free-form notes have their own place, ``+extras.<name>=...``."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
+        for key in node:
+            if key not in known and not str(key).startswith("_"):
+                where = f"a key of {path.rstrip('.')}" if path else "a key of the config"
+                notes = "" if path else "; a free-form note goes under extras: +extras.<name>=<value>"
+                raise ConfigError(
+                    f"{path}{key}={OmegaConf.select(node, str(key))!r} is not allowed; allowed: {where}: "
+                    f"{', '.join(known)}{notes}"
+                )
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and str(key) != "extras":
+            _check_known_keys(child, f"{path}{key}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check ranges and names of the settings that would otherwise fail late (or silently)."""
+    _check_known_keys(cfg)
     m, d, t = cfg.model, cfg.data, cfg.trainer
     _check(_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "0 <= dropout < 1")
     _check(m.init in INITS, "model.init", m.init, ", ".join(INITS))
