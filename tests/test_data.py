@@ -115,6 +115,20 @@ def test_missing_archive_without_download_says_where_to_put_it(tmp_path):
     assert "cifar-10-python.tar.gz" in message and str(tmp_path) in message and "data=synthetic" in message
 
 
+def test_a_data_dir_that_cannot_be_created_is_named(tmp_path):
+    """data.data_dir under a file: one line naming the setting, not an OSError traceback; the lock is released
+    after a normal load (a second load in the same process does not wait on it)."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match=r"^data.data_dir='.*a_file/data' is not allowed: cannot create .*"):
+        load_cifar(tmp_path / "a_file" / "data", "cifar10", download=False)
+    write_cifar_archive(tmp_path / "ok")
+    load_cifar(tmp_path / "ok", "cifar10", download=False, verify_checksum=False)
+    from filelock import FileLock
+
+    with FileLock(str(tmp_path / "ok" / ".cifar10.lock"), timeout=0):  # free again
+        pass
+
+
 def test_no_network_says_where_to_put_the_archive(tmp_path, monkeypatch):
     # A closed local port: the download fails at once, like a machine without network.
     monkeypatch.setitem(CIFAR["cifar10"], "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")

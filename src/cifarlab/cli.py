@@ -74,9 +74,35 @@ def main(hydra_main: Callable[[], Any], conf_dir: Path, config_name: str) -> Non
             raise SystemExit(143) from None
         raise
     except Exception as err:
+        unwritable = None if _task_started else _unwritable_output_dir(err, args)
+        if unwritable:
+            fail(unwritable)
         if _task_started or not is_usage_error(err):  # a bug, not a mistake on the command line
             raise
         fail(one_line(err, args, conf_dir))
+
+
+def _unwritable_output_dir(err: BaseException, args: Sequence[str]) -> str | None:
+    """``hydra.run.dir=/proc/x``: Hydra creates the output folder before the task starts and raises a bare
+    OSError; an OSError about a folder the command line names (or the default runs/ and multirun/) is the
+    user's to fix."""
+    if not isinstance(err, OSError) or err.filename is None:
+        return None
+    failed = Path(os.path.abspath(str(err.filename)))
+    given = {k: v for k, _, v in (a.lstrip("+").partition("=") for a in args) if k in _OUTPUT_DIRS}
+    for key in _OUTPUT_DIRS:
+        folder = Path(os.path.abspath(given.get(key, _OUTPUT_DIRS[key])))
+        if failed == folder or folder in failed.parents or failed in folder.parents:
+            value = given.get(key, f"{_OUTPUT_DIRS[key]}/... (the default)")
+            return (
+                f"{key}={value} is not allowed: cannot create {err.filename} ({err.strerror or err}); "
+                "allowed: a folder this user can write to"
+            )
+    return None
+
+
+# where Hydra writes a run's or a sweep's folder, and the top of the default (conf/train.yaml)
+_OUTPUT_DIRS = {"hydra.run.dir": "runs", "hydra.sweep.dir": "multirun"}
 
 
 def is_usage_error(err: BaseException) -> bool:

@@ -65,45 +65,60 @@ def download_cifar(root: Path, name: str, download: bool = True, verify_checksum
 
     A file lock makes parallel trials wait for one download instead of racing each other.
     """
-    spec = CIFAR[name]
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / spec["folder"]
-    with FileLock(str(root / f".{name}.lock")):
-        if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
-            return folder
-        archive = root / spec["archive"]
-        if not archive.is_file():
-            if not download:
-                raise DataError(
-                    f"data={name}: {archive} not found and data.download=false; put {spec['archive']} "
-                    f"({spec['url']}) there by hand, or use data=synthetic"
-                )
-            from torchvision.datasets.utils import download_url
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(root / f".{name}.lock"))
+        lock.acquire()
+    except OSError as err:
+        raise DataError(
+            f"data.data_dir={str(root)!r} is not allowed: cannot create {err.filename or root} or write there "
+            f"({err.strerror or err}); allowed: a folder this user can write to"
+        ) from None
+    try:
+        return _fetch_cifar(root, name, download, verify_checksum)
+    finally:
+        lock.release()
 
-            try:
-                download_url(spec["url"], str(root), spec["archive"], md5=None)
-            except (urllib.error.URLError, OSError, RuntimeError) as err:
-                archive.unlink(missing_ok=True)
-                raise DataError(
-                    f"data={name}: could not download {spec['url']} ({type(err).__name__}: {err}); "
-                    f"put {spec['archive']} into {root}/ by hand, or use data=synthetic"
-                ) from None
-        if verify_checksum and (got := _md5(archive)) != spec["md5"]:
+
+def _fetch_cifar(root: Path, name: str, download: bool, verify_checksum: bool) -> Path:
+    """download_cifar's work, under its lock."""
+    spec = CIFAR[name]
+    folder = root / spec["folder"]
+    if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
+        return folder
+    archive = root / spec["archive"]
+    if not archive.is_file():
+        if not download:
             raise DataError(
-                f"data={name}: {archive} is corrupt or incomplete (md5 {got}, expected {spec['md5']}); "
-                "delete it and run again, or put a good copy there by hand"
+                f"data={name}: {archive} not found and data.download=false; put {spec['archive']} "
+                f"({spec['url']}) there by hand, or use data=synthetic"
             )
+        from torchvision.datasets.utils import download_url
+
         try:
-            with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(root, filter="data")
-        except (tarfile.TarError, EOFError, OSError) as err:
+            download_url(spec["url"], str(root), spec["archive"], md5=None)
+        except (urllib.error.URLError, OSError, RuntimeError) as err:
+            archive.unlink(missing_ok=True)
             raise DataError(
-                f"data={name}: {archive} is corrupt or incomplete ({err}); delete it and run again"
+                f"data={name}: could not download {spec['url']} ({type(err).__name__}: {err}); "
+                f"put {spec['archive']} into {root}/ by hand, or use data=synthetic"
             ) from None
-        missing = [f for f in spec["train"] + spec["test"] if not (folder / f).is_file()]
-        if missing:
-            raise DataError(f"data={name}: {archive} does not contain {folder.name}/{missing[0]}; delete it")
+    if verify_checksum and (got := _md5(archive)) != spec["md5"]:
+        raise DataError(
+            f"data={name}: {archive} is corrupt or incomplete (md5 {got}, expected {spec['md5']}); "
+            "delete it and run again, or put a good copy there by hand"
+        )
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(root, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise DataError(
+            f"data={name}: {archive} is corrupt or incomplete ({err}); delete it and run again"
+        ) from None
+    missing = [f for f in spec["train"] + spec["test"] if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"data={name}: {archive} does not contain {folder.name}/{missing[0]}; delete it")
     return folder
 
 
