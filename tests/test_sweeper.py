@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -528,6 +529,24 @@ def test_settings_from_the_composed_config(tmp_path, monkeypatch):
     assert OmegaConf.is_config(cfg) and "optimizer.lr=interval(0.001, 0.01)" in s.arguments
 
 
+def _tiny_sweep_settings(cwd: Path, extra: list[str]):
+    """SweepSettings of ``train.py -m hparams_search=synthetic_tiny <extra>``, composed as the sweeper gets them."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from cifarlab.config import register_configs
+    from cifarlab.sweeper.settings import settings_from_hydra
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=synthetic_tiny", *extra], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.cwd = str(cwd)
+        cfg.hydra.job.config_name = "train"
+    conf = {k: v for k, v in cfg.hydra.sweeper.items() if not k.startswith("_")}
+    return settings_from_hydra(conf, cfg, ["hparams_search=synthetic_tiny", *extra])
+
+
 @pytest.mark.parametrize(
     "overrides, wandb",
     [
@@ -538,32 +557,63 @@ def test_settings_from_the_composed_config(tmp_path, monkeypatch):
     ],
 )
 def test_warm_trials_preload_what_their_logger_imports(tmp_path, monkeypatch, overrides, wandb):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from cifarlab.config import register_configs
     from cifarlab.sweeper.launch_fork import DEFAULT_PRELOAD, WANDB_PRELOAD
     from cifarlab.sweeper.runner import warm_preload
-    from cifarlab.sweeper.settings import settings_from_hydra
 
     def settings(extra):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(
-                "train", overrides=["hparams_search=synthetic_tiny", *extra], return_hydra_config=True
-            )
-        with open_dict(cfg):
-            cfg.hydra.runtime.cwd = str(tmp_path)
-            cfg.hydra.job.config_name = "train"
-        conf = {k: v for k, v in cfg.hydra.sweeper.items() if not k.startswith("_")}
-        return settings_from_hydra(conf, cfg, ["hparams_search=synthetic_tiny", *extra])
+        return _tiny_sweep_settings(tmp_path, extra)
 
-    register_configs()
     monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
     preload = warm_preload(settings(overrides))
     assert preload[: len(DEFAULT_PRELOAD)] == list(DEFAULT_PRELOAD)
     assert set(WANDB_PRELOAD) <= set(preload) if wandb else not set(WANDB_PRELOAD) & set(preload)
     # hydra.sweeper.preload, when set, is all the server imports
     assert warm_preload(settings([*overrides, "hydra.sweeper.preload=[optuna]"])) == ["optuna"]
+
+
+@pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("hydra.sweeper.sampler.seed=abc", "an integer >= 0"),  # was a ValueError traceback from the sampler
+        ("hydra.sweeper.n_jobs=0", "an integer >= 1"),  # was taken as null (1 slot) without a word
+        ("hydra.sweeper.gpus_per_trial=0", "an integer >= 1"),
+        ("hydra.sweeper.max_retries=-1", "an integer >= 0"),
+        ("+hydra.sweeper.threads_per_trial=0", "an integer >= 1"),
+        ("hydra.sweeper.trial_timeout=-5", "null or a number > 0"),
+        ("hydra.sweeper.heartbeat_interval=0", "a number > 0"),
+        ("hydra.sweeper.stale_after=-1", "a number > 0"),
+        ("hydra.sweeper.max_failure_rate=1.5", "a number 0 <= rate <= 1"),
+    ],
+)
+def test_a_bad_sweeper_setting_is_one_line_naming_it(tmp_path, monkeypatch, override, allowed):
+    from cifarlab.sweeper.settings import SweepError
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py")])
+    key = override.lstrip("+").partition("=")[0]
+    with pytest.raises(
+        SweepError, match=rf"^{re.escape(key)}=.* is not allowed; allowed: {re.escape(allowed)}$"
+    ):
+        _tiny_sweep_settings(tmp_path, [override])
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("foo://bar", "Can't load plugin: sqlalchemy.dialects:foo"),  # at once: no retries for a bad URL
+        ("sqlite:///DIR/a_file/x.db", "cannot create"),  # its folder cannot be made
+        ("DIR/a_file/journal.log", "cannot create"),
+    ],
+)
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_the_setting(tmp_path, url, why):
+    from cifarlab.sweeper.study import StorageError, make_storage, storage_spec
+
+    (tmp_path / "a_file").write_text("")
+    spec = storage_spec(url.replace("DIR", str(tmp_path)), tmp_path)
+    with pytest.raises(StorageError) as info:
+        make_storage(spec)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("hydra.sweeper.storage=") and why in message, message
+    assert message.endswith("sqlite:///<file>, postgresql://user:pw@host/db") or "reachable" in message
 
 
 def test_importing_the_plugin_is_cheap():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -223,6 +224,8 @@ def settings_from_hydra(
     pruner = _component(conf.get("pruner"), "pruner", "median, successive_halving, hyperband, none")
     n_jobs = conf.get("n_jobs")
     n_trials = _positive_int(conf.get("n_trials", 20), "n_trials")
+    if sampler and sampler.get("seed") is not None:
+        _positive_int(sampler["seed"], "sampler.seed", minimum=0)
     return SweepSettings(
         study_name=study_name,
         storage=storage_spec(conf.get("storage"), sweep_dir, cwd),
@@ -247,13 +250,13 @@ def settings_from_hydra(
         child_overrides=trial_hydra_overrides(_container(hc.overrides.hydra) or []),
         task_cwd=cwd,
         devices=conf.get("devices", "auto"),
-        n_jobs=int(n_jobs) if n_jobs else None,
+        n_jobs=None if n_jobs is None else _positive_int(n_jobs, "n_jobs"),
         trials_per_gpu=_trials_per_gpu(conf.get("trials_per_gpu", "auto")),
         trial_memory_gb=_optional_float(conf.get("trial_memory_gb"), "trial_memory_gb"),
-        gpus_per_trial=int(conf.get("gpus_per_trial", 1)),
-        threads_per_trial=conf.get("threads_per_trial"),
+        gpus_per_trial=_positive_int(conf.get("gpus_per_trial", 1), "gpus_per_trial"),
+        threads_per_trial=_optional(_positive_int, conf.get("threads_per_trial"), "threads_per_trial"),
         max_failure_rate=_rate(conf.get("max_failure_rate", 0.25)),
-        max_retries=int(conf.get("max_retries", 3)),
+        max_retries=_positive_int(conf.get("max_retries", 3), "max_retries", minimum=0),
         custom_search_space=conf.get("custom_search_space"),
         sweep_config=config if conf.get("custom_search_space") else None,
         # the dataset to decode into its cache before the first trial: only when the trials run this app itself
@@ -264,9 +267,9 @@ def settings_from_hydra(
         enqueue_trials=list(conf.get("enqueue_trials") or []),
         set_logger_group=logger_cfg is not None and "group" in config.logger,
         set_run_name="run_name" in config,
-        trial_timeout=conf.get("trial_timeout"),
-        heartbeat_interval=float(conf.get("heartbeat_interval", 30.0)),
-        stale_after=float(conf.get("stale_after", 300.0)),
+        trial_timeout=_optional_float(conf.get("trial_timeout"), "trial_timeout"),
+        heartbeat_interval=_positive_float(conf.get("heartbeat_interval", 30.0), "heartbeat_interval"),
+        stale_after=_positive_float(conf.get("stale_after", 300.0), "stale_after"),
         plots=bool(conf.get("plots", True)),
         wandb_summary=bool(conf.get("wandb_summary", True)),
         extra_env={str(k): str(v) for k, v in (conf.get("env") or {}).items()},
@@ -284,20 +287,29 @@ def _component(value: Any, key: str, options: str) -> Any:
     )
 
 
-def _positive_int(value: Any, key: str) -> int:
+def _positive_int(value: Any, key: str, minimum: int = 1) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = 0
-    if number < 1 or str(number) != str(value).strip():
-        raise SweepError(f"hydra.sweeper.{key}={value!r} is not allowed; allowed: an integer >= 1")
+        number = minimum - 1
+    if number < minimum or str(number) != str(value).strip():
+        raise SweepError(f"hydra.sweeper.{key}={value!r} is not allowed; allowed: an integer >= {minimum}")
     return number
 
 
+def _optional(check: Any, value: Any, key: str) -> Any:
+    return None if value is None else check(value, key)
+
+
 def _rate(value: Any) -> float:
-    rate = float(value)
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = math.nan
     if not 0.0 <= rate <= 1.0:
-        raise SweepError(f"hydra.sweeper.max_failure_rate={value!r}: allowed: 0 <= rate <= 1")
+        raise SweepError(
+            f"hydra.sweeper.max_failure_rate={value!r} is not allowed; allowed: a number 0 <= rate <= 1"
+        )
     return rate
 
 
@@ -343,12 +355,15 @@ def _trials_per_gpu(value: Any) -> int | str:
 
 
 def _optional_float(value: Any, key: str) -> float | None:
-    if value is None:
-        return None
+    return None if value is None else _positive_float(value, key, or_null=True)
+
+
+def _positive_float(value: Any, key: str, or_null: bool = False) -> float:
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = -1.0
-    if not number > 0:
-        raise SweepError(f"hydra.sweeper.{key}={value!r} is not allowed; allowed: null or a number > 0")
+    if not (number > 0 and math.isfinite(number)) or isinstance(value, bool):
+        allowed = "null or a number > 0" if or_null else "a number > 0"
+        raise SweepError(f"hydra.sweeper.{key}={value!r} is not allowed; allowed: {allowed}")
     return number

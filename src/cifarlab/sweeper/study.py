@@ -113,16 +113,24 @@ def make_storage(spec: str) -> Any:
 
     if spec.startswith("journal:"):
         path = Path(spec[len("journal:") :])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        except OSError as err:
+            raise StorageError(f"{_storage_is(path)}: {_cannot(err)}; allowed: {STORAGES}") from err
     engine_kwargs: dict[str, Any]
     if spec.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 120}}
         db = spec[len("sqlite:///") :]
         if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StorageError(f"{_storage_is(spec)}: {_cannot(err)}; allowed: {STORAGES}") from err
     else:
         engine_kwargs = {"pool_pre_ping": True}
+    from sqlalchemy.exc import ArgumentError
+
     last: Exception | None = None
     for attempt in range(8):
         try:
@@ -131,11 +139,36 @@ def make_storage(spec: str) -> Any:
             driver = (
                 "psycopg2-binary (pip install 'cifarlab[postgres]')" if "postgres" in spec else "its driver"
             )
-            raise StorageError(f"storage {redact(spec)}: cannot import {driver}: {err}") from err
+            raise StorageError(
+                f"{_storage_is(spec)}: cannot import {driver} ({err}); allowed: {STORAGES}"
+            ) from err
+        except ArgumentError as err:  # not a URL SQLAlchemy knows (foo://bar): no use retrying
+            raise StorageError(f"{_storage_is(spec)}: {_first_line(err)}; allowed: {STORAGES}") from err
         except Exception as err:  # e.g. two processes creating the tables at once
             last = err
             time.sleep(0.2 * (attempt + 1))
-    raise StorageError(f"storage {redact(spec)}: cannot connect: {last}") from last
+    raise StorageError(
+        f"{_storage_is(spec)}: cannot connect ({_first_line(last)}); allowed: {STORAGES}, reachable from here"
+    ) from last
+
+
+STORAGES = (
+    "a journal file path (default <sweep dir>/journal.log), sqlite:///<file>, postgresql://user:pw@host/db"
+)
+
+
+def _storage_is(spec: str | Path) -> str:
+    return f"hydra.sweeper.storage={redact(str(spec))} is not allowed"
+
+
+def _cannot(err: OSError) -> str:
+    return f"cannot create {err.filename} ({err.strerror or err})"
+
+
+def _first_line(err: BaseException | None) -> str:
+    """SQLAlchemy's messages run over several lines (the driver's, then a link to its docs)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def open_study(
