@@ -6,6 +6,9 @@ on a real journal file, real trials (tiny training runs, or the sleeping stand-i
 - A resumed study whose search space changed in a way Optuna cannot store (a choice's options, an interval's log
   scale, a parameter's kind) stops at once with one line saying which parameter and what to do; it leaves no
   trial behind.
+- A search space that reaches a config no trial could run (a misspelt choice, an interval past a setting's range,
+  a key the optimizer lacks, a conditional value, a fixed setting every trial fails on) stops before the study is
+  opened, with one line naming the value and what is allowed (cifarlab.sweeper.precheck).
 - Fine but untested before: a trial that early-stops is COMPLETE with the best val/acc, not the last one; warm and
   subprocess trials give the same objective for the same parameters and seed.
 """
@@ -131,6 +134,90 @@ def test_a_direction_that_contradicts_the_objective_is_one_line_and_no_trial(
     assert len(lines) == 1, result.stderr
     assert objective in lines[0] and f"allowed: {wanted}" in lines[0] and "Traceback" not in result.stderr
     assert not (sweep / "journal.log").exists()  # no study, no trial
+
+
+# ---- a search space that reaches a config no trial could run: one line before the first trial -------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (  # a misspelt choice: it failed each trial that drew it, and stopped the good ones at max_failure_rate
+            ("optimizer=choice(sgd,adamm)",),
+            "error: search space: optimizer=adamm is not allowed; allowed: adagrad, adam, adamw, course/adagrad,",
+        ),
+        (
+            ("model.dropout=interval(0.0,1.5)",),
+            "error: search space: model.dropout=1.5 is not allowed; allowed: 0",
+        ),
+        (
+            ("optimizer.lrr=tag(log,interval(0.001,0.1))",),
+            "error: search space: optimizer.lrr=0.001 is not allowed; allowed: a key of optimizer: lr, momentum,",
+        ),
+        (  # a conditional parameter, probed with its `when` key set: optimizer=adam (conf: see below)
+            ("hparams_search=bad_betas",),
+            "error: search space: optimizer.betas=[0.9, 1.5] is not allowed; allowed: two numbers in [0, 1)",
+        ),
+        (  # a fixed setting every trial fails on (synthetic_tiny's 16-pixel images with CIFAR's 32)
+            ("data=cifar10",),
+            "error: search space, with optimizer=sgd: data.image_size=16 is not allowed; allowed: 32 with data=",
+        ),
+    ],
+)
+def test_a_search_space_that_reaches_a_bad_config_stops_before_any_trial(tmp_path, args, expected):
+    sweep = tmp_path / "sweep"
+    conf = tmp_path / "conf"
+    (conf / "hparams_search").mkdir(parents=True)
+    (conf / "hparams_search" / "bad_betas.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - synthetic_tiny\nhydra:\n  sweeper:\n    conditional:\n"
+        "      optimizer.betas:\n        when: {optimizer: adam}\n        space: choice([0.9,0.999], [0.9,1.5])\n"
+    )
+    tiny = [
+        a for a in TINY if not (args[0].startswith("hparams_search=") and a.startswith("hparams_search="))
+    ]
+    result = _sweep(tmp_path, sweep, *tiny, *args, conf=conf)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert not (sweep / "journal.log").exists() and not list(sweep.glob("trial_*"))  # no study, no trial
+
+
+def test_the_probes_cover_every_choice_both_ends_and_each_active_conditional():
+    from cifarlab.sweeper.precheck import probes
+    from cifarlab.sweeper.space import build_space
+
+    params = {"optimizer": "choice(sgd, momentum, adam)", "optimizer.lr": "tag(log, interval(1e-4, 3e-2))"}
+    conditional = {
+        "optimizer.momentum": {"when": {"optimizer": "momentum"}, "space": "interval(0.5, 0.95)"},
+        "optimizer.betas": {"when": {"optimizer": "adam"}, "space": "choice([0.9,0.999], [0.8,0.99])"},
+        "trainer.max_epochs": {"when": {"data.name": "cifar10"}, "space": "interval(5, 9)"},  # never active
+    }
+    space, _ = build_space(params, ["data.name=synthetic"], conditional)
+    got = [(what, sorted(p.items())) for what, p in probes(space)]
+    base = {"optimizer": "sgd", "optimizer.lr": "0.0001"}
+    assert got == [
+        ("optimizer=sgd", sorted(base.items())),
+        ("optimizer=momentum", sorted({**base, "optimizer": "momentum"}.items())),
+        ("optimizer=adam", sorted({**base, "optimizer": "adam"}.items())),
+        ("optimizer.lr=0.03", sorted({**base, "optimizer.lr": "0.03"}.items())),
+        (
+            "optimizer.momentum=0.5",
+            sorted({**base, "optimizer": "momentum", "optimizer.momentum": "0.5"}.items()),
+        ),
+        (
+            "optimizer.momentum=0.95",
+            sorted({**base, "optimizer": "momentum", "optimizer.momentum": "0.95"}.items()),
+        ),
+        (
+            "optimizer.betas=[0.9,0.999]",
+            sorted({**base, "optimizer": "adam", "optimizer.betas": "[0.9,0.999]"}.items()),
+        ),
+        (
+            "optimizer.betas=[0.8,0.99]",
+            sorted({**base, "optimizer": "adam", "optimizer.betas": "[0.8,0.99]"}.items()),
+        ),
+    ]
 
 
 # ---- the objective is missing: the trial fails with one line that names it ------------------------------------

@@ -372,6 +372,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _check_numbers("data", d, DATA_RANGES)
     if d.name in ("cifar10", "cifar100"):  # 50,000 training images, val_size of them for validation
+        check_cifar_image_size(d.name, d.image_size)
         _check(d.val_size < 50000, "data.val_size", d.val_size, "val_size < 50000 (the CIFAR training set)")
     _check_trainer(t)
     _check_numbers("logger", cfg.logger, {"grad_norm_every_n_steps": INT_0, "init_timeout": POSITIVE})
@@ -482,6 +483,16 @@ DATA_RANGES = {
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
 BATCH_LIMIT = "a fraction 0 < x <= 1.0 of the batches or a number of batches >= 1"
+
+
+def check_cifar_image_size(name: str, image_size: Any) -> None:
+    """The model's layers are sized for image_size, and CIFAR's images are not resized."""
+    _check(
+        image_size == 32,
+        "data.image_size",
+        image_size,
+        f"32 with data={name} (its images are 32x32; data=imagefolder resizes to any size)",
+    )
 
 
 def _check_numbers(section: str, node: Any, ranges: dict[str, Range]) -> None:

@@ -496,16 +496,11 @@ class CifarDataModule(L.LightningDataModule):
         # Training batches per epoch: a count, a fraction, or None for all. Applied here rather than by
         # Lightning, which would count chunks of several batches (see train_dataloader).
         self.limit_train_batches = limit_train_batches
-        from cifarlab.config import ConfigError
+        from cifarlab.config import ConfigError, check_cifar_image_size
 
         if name in CIFAR:
             self.num_classes = CIFAR[name]["num_classes"]
-            # the model's layers are sized for image_size, and CIFAR's images are not resized
-            if image_size != 32:
-                raise ConfigError(
-                    f"data.image_size={image_size!r} is not allowed; allowed: 32 with data={name} "
-                    "(its images are 32x32; data=imagefolder resizes to any size)"
-                )
+            check_cifar_image_size(name, image_size)
         elif name == "imagefolder":
             classes = (
                 [p for p in Path(root or ".").iterdir() if p.is_dir()] if root and Path(root).is_dir() else []

@@ -2,6 +2,7 @@
 
 import functools
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.core.plugins import Plugins
@@ -35,9 +36,15 @@ class CifarlabOptunaSweeper(Sweeper):
         try:
             search_path = self.hydra_context.config_loader.get_search_path().get_path()
             settings = settings_from_hydra(self.conf, self.config, arguments, self.task_function, search_path)
+            # a task_command may be any script with its own config: only this app's trials are composed here
+            precheck = None if self.conf.get("task_command") else self._precheck
             workers = int(self.conf.get("workers") or 0)
             if workers <= 0:
-                return run_sweep(settings)
+                return run_sweep(settings, precheck=precheck)
+            if precheck is not None:
+                precheck(
+                    *build_space(settings.params, settings.arguments, settings.conditional, settings.context)
+                )
             launcher = Plugins.instance().instantiate_launcher(
                 config=self.config,
                 hydra_context=self.hydra_context,
@@ -58,3 +65,33 @@ class CifarlabOptunaSweeper(Sweeper):
         except (SweepError, SearchSpaceError, SlotError, StorageError) as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(1)
+
+    def _precheck(self, space: Any, base_overrides: list[str]) -> None:
+        """Every kind of value the search space gives composes as a trial's config and passes cifarlab's checks
+        (cifarlab.sweeper.precheck), before the study is opened."""
+        from omegaconf import OmegaConf, open_dict
+
+        from cifarlab.cli import one_line
+        from cifarlab.config import TrainConf, validate
+        from cifarlab.sweeper.precheck import check_space
+
+        assert self.config is not None and self.hydra_context is not None
+        loader, master = self.hydra_context.config_loader, self.config
+        sources = OmegaConf.to_container(master.hydra.runtime.config_sources)
+        mains = [s["path"] for s in sources if s.get("provider") == "main" and s.get("schema") == "file"]
+        conf_dir = Path(mains[0]) if mains else Path(".")
+
+        def compose(overrides: list[str]) -> DictConfig:
+            cfg = loader.load_sweep_config(master, overrides)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            return cfg
+
+        def check(cfg: DictConfig) -> None:
+            schema = OmegaConf.get_type(cfg)
+            if isinstance(schema, type) and issubclass(
+                schema, TrainConf
+            ):  # train.py's config, not another app's
+                validate(cfg)
+
+        check_space(space, base_overrides, compose, check, lambda err, args: one_line(err, args, conf_dir))

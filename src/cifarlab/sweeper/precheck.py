@@ -1,0 +1,90 @@
+"""Before the first trial: every kind of value the search space can give composes, and passes the task's checks.
+
+Without this, ``optimizer=choice(sgd,adamm)`` or ``model.dropout=interval(0.0,1.5)`` is found by the trials that
+draw the bad value: each one FAILs, a good trial running beside them is stopped at ``max_failure_rate``, and the
+sweep ends with "too many failed trials". Here the sweep stops before any trial, with one line naming the
+parameter, the value and what is allowed.
+
+The probes: every choice of every categorical parameter and both ends of every interval/range, each with the
+other parameters at their first value; every conditional parameter likewise, with its ``when`` keys set to
+values that make it active. Each probe is composed the way Hydra composes a trial (``load_sweep_config``: the
+stock BasicSweeper's own check) and, for cifarlab's own ``train.py``, checked by :func:`cifarlab.config.validate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from cifarlab.sweeper.space import SearchSpace, SearchSpaceError, value_text
+
+
+def probes(space: SearchSpace) -> Iterator[tuple[str, dict[str, str]]]:
+    """(the parameter and value probed, every searched parameter's override text) for each probe."""
+    values = {name: _ends(space, name, dist) for name, dist in space.params.items()}
+    first = {name: texts[0] for name, texts in values.items() if texts}
+    seen: set[tuple[tuple[str, str], ...]] = set()
+
+    def once(what: str, params: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+        key = tuple(sorted(params.items()))
+        if key not in seen:
+            seen.add(key)
+            yield what, params
+
+    for name, texts in values.items():
+        for text in texts:
+            yield from once(f"{name}={text}", {**first, name: text})
+    for cond in space.conditional:
+        active = dict(first)
+        for key, allowed in cond.when.items():
+            if key in space.fixed or key in space.context:
+                if not _matches(space.fixed.get(key, space.context.get(key)), allowed):
+                    break  # never active with this command line: nothing to check
+            elif key in values or any(c.name == key for c in space.conditional):
+                active[key] = allowed[0]
+            else:
+                break  # a config key the search does not set: its value decides at run time
+        else:
+            for text in _ends(space, cond.name, cond.distribution):
+                yield from once(f"{cond.name}={text}", {**active, cond.name: text})
+
+
+def check_space(
+    space: SearchSpace,
+    base_overrides: list[str],
+    compose: Callable[[list[str]], Any],
+    check: Callable[[Any], None] | None,
+    one_line: Callable[[BaseException, list[str]], str],
+) -> None:
+    """Compose (and ``check``) every probe; raise SearchSpaceError with one line at the first that fails.
+
+    ``compose(overrides)`` returns the task config as a trial would see it; ``one_line`` words a composition
+    error the way the command line does (cifarlab.cli.one_line)."""
+    from cifarlab.config import ConfigError
+
+    for what, params in probes(space):
+        overrides = [*base_overrides, *(f"{k}={v}" for k, v in params.items())]
+        try:
+            cfg = compose(overrides)
+            if check is not None:
+                check(cfg)
+        except Exception as err:  # noqa: BLE001 - Hydra's composition errors, worded as on the command line
+            message = str(err) if isinstance(err, ConfigError) else one_line(err, overrides)
+            named = any(message.startswith(f"{k}=") for k in params) or message.startswith(what)
+            where = "search space: " if named else f"search space, with {what}: "
+            raise SearchSpaceError(where + message) from None
+
+
+def _ends(space: SearchSpace, name: str, dist: Any) -> list[str]:
+    """The override texts of a distribution's values worth probing: each choice, or the two ends."""
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(dist, CategoricalDistribution):
+        return [space.format(name, choice) for choice in dist.choices]
+    return [value_text(dist.low), value_text(dist.high)]
+
+
+def _matches(given: Any, allowed: list[str]) -> bool:
+    from cifarlab.sweeper.space import normalise
+
+    return normalise(given) in allowed
