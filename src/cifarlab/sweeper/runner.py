@@ -287,6 +287,8 @@ class Sweep:
             except BaseException:
                 self.launcher.close()
                 raise
+        # here, so that a folder that cannot be made is named as hydra.sweep.dir (cifarlab.cli), not as the storage
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = make_storage(self.s.storage)
         study = open_study(self.s.storage, self.s.study_name, self.s.directions, storage=storage)
         self._check_space(study)
