@@ -269,6 +269,34 @@ def test_a_key_added_with_plus_past_the_schema_is_refused():
     assert error_line(["+extras.note=baseline", "+extras.nested.deep=1"]) is None
 
 
+def test_a_key_of_another_option_says_which_option_has_it():
+    """scheduler.patience=3 with the default scheduler=none was Hydra's "Key 'patience' is not in struct"."""
+    assert error_line(["scheduler.patience=3"]) == (
+        "scheduler.patience=3 is not allowed: the chosen scheduler has no key patience; allowed: choose a "
+        "scheduler that has it first: scheduler=plateau"
+    )
+    assert error_line(["scheduler=step", "scheduler.patience=3"]) == (
+        "scheduler.patience=3 is not allowed; allowed: a key of scheduler: step_size, gamma "
+        "(or first scheduler=plateau, which has it)"
+    )
+    assert error_line(["optimizer=sgd", "optimizer.betas=[0.9,0.99]"]).endswith(
+        "(or first optimizer=adam|adamw|course/adam|nadam|radam, which has it)"
+    )
+
+
+@pytest.mark.parametrize(
+    "override, reason",
+    [
+        ("model.dropout=foo(0.1,0.2)", "(in 'foo(0.1,0.2)': Unknown function 'foo'; Available: bool,choice,"),
+        ("eval", "(missing EQUAL at '<EOF>')"),
+    ],
+)
+def test_an_override_that_does_not_parse_says_why_and_the_forms_allowed(override, reason):
+    message = error_line([override])
+    assert message.startswith(f"{override} is not a valid override {reason}") and "\n" not in message, message
+    assert message.endswith(f"allowed: {cli.OVERRIDE_FORMS}") and "interval(low,high)" in message
+
+
 def test_issue_cases_in_process(tmp_path):
     """The issue's own examples, each one line naming the setting and what is allowed."""
     assert error_line(["trainer.devices=0"]).startswith("trainer.devices=0 is not allowed; allowed: auto,")

@@ -145,7 +145,17 @@ def one_line(err: BaseException, args: Sequence[str], conf_dir: Path) -> str:
         if not parent:  # the root also takes the groups that have no key of their own (experiment, ...)
             keys += [g for g in sorted(p.name for p in conf_dir.iterdir() if p.is_dir()) if g not in keys]
         where = f"a key of {parent}" if parent else "a group or key"
-        return f"{_override(full_key, args)} is not allowed; allowed: {where}: {', '.join(keys)}"
+        having = _options_with_key(conf_dir, parent, full_key.rpartition(".")[2]) if parent else []
+        elsewhere = f" (or first {parent}={'|'.join(having)}, which has it)" if having else ""
+        return f"{_override(full_key, args)} is not allowed; allowed: {where}: {', '.join(keys)}{elsewhere}"
+    if full_key and isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "." in full_key:
+        group, _, key = full_key.rpartition(".")
+        having = _options_with_key(conf_dir, group, key)
+        if having:  # scheduler.patience=3 while scheduler=none: the option that has the key comes first
+            return (
+                f"{_override(full_key, args)} is not allowed: the chosen {group} has no key {key}; allowed: "
+                f"choose a {group} that has it first: {group}={'|'.join(having)}"
+            )
     if full_key and isinstance(cause, ValidationError) and _is_schema(schema):
         hint = typing.get_type_hints(schema).get(full_key.rpartition(".")[2])
         if hint is not None and _describe(hint):
@@ -155,7 +165,7 @@ def one_line(err: BaseException, args: Sequence[str], conf_dir: Path) -> str:
         if value == "null" and group_options(conf_dir, group) and "must be a string" in str(err):
             return f"{arg} is not allowed; allowed: {', '.join(group_options(conf_dir, group))}"
     if isinstance(err, OverrideParseException):
-        return f"{err.override} is not a valid override: {str(err).splitlines()[0]}"
+        return f"{err.override} is not a valid override ({_parse_reason(err)}); allowed: {OVERRIDE_FORMS}"
     searched = _searched_sweeper_param(err, args)
     if searched:
         return searched
@@ -181,6 +191,39 @@ def _searched_sweeper_param(err: BaseException, args: Sequence[str]) -> str | No
                 f"write '{param}={value}' (a search expression on the command line joins the search space)"
             )
     return None
+
+
+OVERRIDE_FORMS = (
+    "key=value, group=option, +key=value (a new key), ~key (delete); to sweep (-m): a,b, choice(a,b), "
+    "range(start,stop[,step]), interval(low,high), tag(log,interval(low,high))"
+)
+
+
+def _parse_reason(err: BaseException) -> str:
+    """What Hydra's parser says is wrong, without its 'Error parsing override' header and docs link."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Error parsing override", "See https://"))]
+    return "; ".join(reasons).replace("HydraException while evaluating", "in") or (lines[0] if lines else "")
+
+
+def _options_with_key(conf_dir: Path, group: str, key: str) -> list[str]:
+    """The options of config group ``group`` whose schema (``- /schema/<group>@_here_: <name>``) has ``key``."""
+    import re
+
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    having = []
+    for option in group_options(conf_dir, group):
+        text = (conf_dir / group / f"{option}.yaml").read_text()
+        found = re.search(r"^\s*-\s*/(schema/[\w/]+)@_here_:\s*(\w+)", text, re.M)
+        try:
+            node = store.load(f"{found.group(1)}/{found.group(2)}.yaml").node if found else None
+        except Exception:  # noqa: BLE001 - not a schema this app registered: that option is not listed
+            node = None
+        if node is not None and key in node:
+            having.append(option)
+    return having
 
 
 def _is_schema(schema: Any) -> bool:
