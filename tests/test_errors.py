@@ -297,6 +297,20 @@ def test_an_override_that_does_not_parse_says_why_and_the_forms_allowed(override
     assert message.endswith(f"allowed: {cli.OVERRIDE_FORMS}") and "interval(low,high)" in message
 
 
+def test_a_group_the_command_does_not_have_is_one_line_naming_the_ones_it_has():
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    args = ["ckpt_path=x", "hparams_search=synthetic_tiny"]
+    with pytest.raises(Exception) as info, initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        compose("eval", overrides=args)
+    assert cli.one_line(info.value, args, CONF, "eval") == (
+        "hparams_search=synthetic_tiny is not allowed: eval's config has no hparams_search group; allowed: model, "
+        "data, optimizer, scheduler, trainer, logger, callbacks"
+    )
+    assert cli.config_groups(CONF, "train")[-3:] == ["experiment", "hparams_search", "debug"]
+
+
 def test_issue_cases_in_process(tmp_path):
     """The issue's own examples, each one line naming the setting and what is allowed."""
     assert error_line(["trainer.devices=0"]).startswith("trainer.devices=0 is not allowed; allowed: auto,")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import string
 import sys
 import typing
@@ -79,7 +80,7 @@ def main(hydra_main: Callable[[], Any], conf_dir: Path, config_name: str) -> Non
             fail(unwritable)
         if _task_started or not is_usage_error(err):  # a bug, not a mistake on the command line
             raise
-        fail(one_line(err, args, conf_dir))
+        fail(one_line(err, args, conf_dir, config_name))
 
 
 def _unwritable_output_dir(err: BaseException, args: Sequence[str]) -> str | None:
@@ -123,7 +124,7 @@ def is_usage_error(err: BaseException) -> bool:
 # ---- Hydra's composition errors as one line ------------------------------------------------------------
 
 
-def one_line(err: BaseException, args: Sequence[str], conf_dir: Path) -> str:
+def one_line(err: BaseException, args: Sequence[str], conf_dir: Path, config_name: str = "train") -> str:
     """``key=value is not allowed; allowed: ...`` for a composition error, else its first line(s)."""
     from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
@@ -143,7 +144,7 @@ def one_line(err: BaseException, args: Sequence[str], conf_dir: Path) -> str:
         keys = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
         parent = full_key.rpartition(".")[0]
         if not parent:  # the root also takes the groups that have no key of their own (experiment, ...)
-            keys += [g for g in sorted(p.name for p in conf_dir.iterdir() if p.is_dir()) if g not in keys]
+            keys += [g for g in config_groups(conf_dir, config_name) if g not in keys]
         where = f"a key of {parent}" if parent else "a group or key"
         having = _options_with_key(conf_dir, parent, full_key.rpartition(".")[2]) if parent else []
         elsewhere = f" (or first {parent}={'|'.join(having)}, which has it)" if having else ""
@@ -164,6 +165,13 @@ def one_line(err: BaseException, args: Sequence[str], conf_dir: Path) -> str:
         group, _, value = arg.partition("=")
         if value == "null" and group_options(conf_dir, group) and "must be a string" in str(err):
             return f"{arg} is not allowed; allowed: {', '.join(group_options(conf_dir, group))}"
+    no_group = re.match(r"Could not override '([\w/]+)'\. No match in the defaults list", str(err))
+    if no_group:  # eval.py hparams_search=...: a group this command's config does not have
+        group = no_group.group(1)
+        return (
+            f"{_override(group, args)} is not allowed: {config_name}'s config has no {group} group; allowed: "
+            f"{', '.join(config_groups(conf_dir, config_name))}"
+        )
     if isinstance(err, OverrideParseException):
         return f"{err.override} is not a valid override ({_parse_reason(err)}); allowed: {OVERRIDE_FORMS}"
     searched = _searched_sweeper_param(err, args)
@@ -208,8 +216,6 @@ def _parse_reason(err: BaseException) -> str:
 
 def _options_with_key(conf_dir: Path, group: str, key: str) -> list[str]:
     """The options of config group ``group`` whose schema (``- /schema/<group>@_here_: <name>``) has ``key``."""
-    import re
-
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
@@ -260,6 +266,18 @@ def _describe(hint: Any) -> str | None:
 # ---- --help --------------------------------------------------------------------------------------------
 
 
+def config_groups(conf_dir: Path, config_name: str) -> list[str]:
+    """The config groups that ``<config_name>.yaml``'s defaults list names: the ones its command line can set."""
+    import yaml
+
+    try:
+        defaults = yaml.safe_load((conf_dir / f"{config_name}.yaml").read_text()).get("defaults") or []
+    except (OSError, AttributeError, yaml.YAMLError):
+        defaults = []
+    names = [str(k).split()[-1].lstrip("/") for entry in defaults if isinstance(entry, dict) for k in entry]
+    return [name for name in names if (conf_dir / name).is_dir()]
+
+
 def group_options(conf_dir: Path, group: str) -> list[str]:
     """The options of a config group: its YAML files, nested ones as ``course/adam``."""
     folder = conf_dir / group
@@ -281,9 +299,9 @@ def print_help(conf_dir: Path, config_name: str, args: Sequence[str]) -> None:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except Exception as err:  # noqa: BLE001 - any composition error is the user's to fix
-        fail(one_line(err, overrides, conf_dir))
+        fail(one_line(err, overrides, conf_dir, config_name))
     template = str(cfg.hydra.help.template)
-    groups = sorted(p.name for p in conf_dir.iterdir() if p.is_dir())
+    groups = sorted(config_groups(conf_dir, config_name))
     app_groups = "\n".join(f"{g}: {', '.join(group_options(conf_dir, g))}" for g in groups)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     if "--resolve" in args:
