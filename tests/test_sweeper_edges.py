@@ -159,6 +159,10 @@ def test_a_direction_that_contradicts_the_objective_is_one_line_and_no_trial(
             ("hparams_search=bad_betas",),
             "error: search space: optimizer.betas=[0.9, 1.5] is not allowed; allowed: two numbers in [0, 1)",
         ),
+        (  # an enqueued parameter set outside the space: Optuna raised at that trial's first suggest
+            ("hydra.sweeper.enqueue_trials=[{optimizer: adamm}]",),
+            "error: hydra.sweeper.enqueue_trials[0]: optimizer=adamm is not allowed; allowed: sgd, momentum, adam",
+        ),
         (  # a fixed setting every trial fails on (synthetic_tiny's 16-pixel images with CIFAR's 32)
             ("data=cifar10",),
             "error: search space, with optimizer=sgd: data.image_size=16 is not allowed; allowed: 32 with data=",
@@ -181,6 +185,29 @@ def test_a_search_space_that_reaches_a_bad_config_stops_before_any_trial(tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
     assert not (sweep / "journal.log").exists() and not list(sweep.glob("trial_*"))  # no study, no trial
+
+
+def test_enqueued_values_are_checked_against_the_space():
+    from cifarlab.sweeper.space import SearchSpaceError, build_space
+
+    params = {"optimizer": "choice(sgd, adam)", "trainer.max_epochs": "interval(2, 5)"}
+    conditional = {"optimizer.lr": {"when": {"optimizer": "adam"}, "space": "tag(log, interval(1e-4, 1e-1))"}}
+    space, _ = build_space(params, [], conditional)
+    space.check_values({"optimizer": "adam", "trainer.max_epochs": 5, "optimizer.lr": 0.01, "other": 1}, "q")
+    for bad, message in [
+        ({"optimizer": "rmsprop"}, "q: optimizer=rmsprop is not allowed; allowed: sgd, adam"),
+        (
+            {"trainer.max_epochs": 6},
+            "q: trainer.max_epochs=6 is not allowed; allowed: 2 <= trainer.max_epochs <= 5",
+        ),
+        (
+            {"optimizer.lr": "fast"},
+            "q: optimizer.lr=fast is not allowed; allowed: 0.0001 <= optimizer.lr <= 0.1",
+        ),
+    ]:
+        with pytest.raises(SearchSpaceError) as info:
+            space.check_values(bad, "q")
+        assert str(info.value) == message
 
 
 def test_the_probes_cover_every_choice_both_ends_and_each_active_conditional():

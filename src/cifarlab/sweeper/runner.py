@@ -281,12 +281,18 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         t0 = self.t0
-        if self.precheck is not None:  # while the warm server imports: ~0.17 s a probe on 2 AMD EPYC cores
-            try:
+        try:
+            for i, params in enumerate(
+                self.s.enqueue_trials
+            ):  # Optuna would raise at that trial's first suggest
+                self.space.check_values(dict(params), f"hydra.sweeper.enqueue_trials[{i}]")
+            if (
+                self.precheck is not None
+            ):  # while the warm server imports: ~0.17 s a probe on 2 AMD EPYC cores
                 self.precheck(self.space, self.base_overrides)
-            except BaseException:
-                self.launcher.close()
-                raise
+        except BaseException:
+            self.launcher.close()
+            raise
         # here, so that a folder that cannot be made is named as hydra.sweep.dir (cifarlab.cli), not as the storage
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         storage = make_storage(self.s.storage)

@@ -119,6 +119,28 @@ class SearchSpace:
     def names(self) -> list[str]:
         return list(self.params) + [c.name for c in self.conditional]
 
+    def check_values(self, values: Mapping[str, Any], where: str) -> None:
+        """Raise SearchSpaceError if a value of a searched parameter lies outside its distribution."""
+        from optuna.distributions import CategoricalDistribution
+
+        dists = {**self.params, **{c.name: c.distribution for c in self.conditional}}
+        for name, value in values.items():
+            dist = dists.get(name)
+            if dist is None:
+                continue  # not searched: the caller warns
+            try:
+                inside = dist._contains(dist.to_internal_repr(value))
+            except (ValueError, TypeError):
+                inside = False
+            if not inside:
+                if isinstance(dist, CategoricalDistribution):
+                    allowed = ", ".join(value_text(c) for c in dist.choices)
+                else:
+                    allowed = f"{value_text(dist.low)} <= {name} <= {value_text(dist.high)}"
+                raise SearchSpaceError(
+                    f"{where}: {name}={value_text(value)} is not allowed; allowed: {allowed}"
+                )
+
 
 # ---- parsing ----------------------------------------------------------------------------------------------
 
