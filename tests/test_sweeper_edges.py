@@ -193,13 +193,14 @@ def test_enqueued_values_are_checked_against_the_space():
     params = {"optimizer": "choice(sgd, adam)", "trainer.max_epochs": "interval(2, 5)"}
     conditional = {"optimizer.lr": {"when": {"optimizer": "adam"}, "space": "tag(log, interval(1e-4, 1e-1))"}}
     space, _ = build_space(params, [], conditional)
-    space.check_values({"optimizer": "adam", "trainer.max_epochs": 5, "optimizer.lr": 0.01, "other": 1}, "q")
+    good = {"optimizer": "adam", "trainer.max_epochs": 5, "optimizer.lr": 0.01, "not_searched": 1}
+    assert space.check_values(good, "q") == []
+    # a number outside its interval: Optuna evaluates it as given (with a warning): a known-good set from a wider study
+    assert space.check_values({"trainer.max_epochs": 6}, "q") == [
+        "q: trainer.max_epochs=6 is outside 2 <= trainer.max_epochs <= 5; evaluated as given"
+    ]
     for bad, message in [
         ({"optimizer": "rmsprop"}, "q: optimizer=rmsprop is not allowed; allowed: sgd, adam"),
-        (
-            {"trainer.max_epochs": 6},
-            "q: trainer.max_epochs=6 is not allowed; allowed: 2 <= trainer.max_epochs <= 5",
-        ),
         (
             {"optimizer.lr": "fast"},
             "q: optimizer.lr=fast is not allowed; allowed: 0.0001 <= optimizer.lr <= 0.1",

@@ -119,27 +119,36 @@ class SearchSpace:
     def names(self) -> list[str]:
         return list(self.params) + [c.name for c in self.conditional]
 
-    def check_values(self, values: Mapping[str, Any], where: str) -> None:
-        """Raise SearchSpaceError if a value of a searched parameter lies outside its distribution."""
+    def check_values(self, values: Mapping[str, Any], where: str) -> list[str]:
+        """Raise SearchSpaceError for a value Optuna cannot store for its parameter (a choice it does not have, a
+        number that is not one); return a warning for each number outside its interval, which Optuna evaluates as
+        given (a known-good set from an earlier, wider study)."""
         from optuna.distributions import CategoricalDistribution
 
         dists = {**self.params, **{c.name: c.distribution for c in self.conditional}}
+        warnings = []
         for name, value in values.items():
             dist = dists.get(name)
             if dist is None:
                 continue  # not searched: the caller warns
             try:
                 inside = dist._contains(dist.to_internal_repr(value))
+                storable = True
             except (ValueError, TypeError):
-                inside = False
-            if not inside:
-                if isinstance(dist, CategoricalDistribution):
-                    allowed = ", ".join(value_text(c) for c in dist.choices)
-                else:
-                    allowed = f"{value_text(dist.low)} <= {name} <= {value_text(dist.high)}"
+                inside = storable = False
+            if isinstance(dist, CategoricalDistribution):
+                allowed = ", ".join(value_text(c) for c in dist.choices)
+            else:
+                allowed = f"{value_text(dist.low)} <= {name} <= {value_text(dist.high)}"
+            if not storable or (isinstance(dist, CategoricalDistribution) and not inside):
                 raise SearchSpaceError(
                     f"{where}: {name}={value_text(value)} is not allowed; allowed: {allowed}"
                 )
+            if not inside:
+                warnings.append(
+                    f"{where}: {name}={value_text(value)} is outside {allowed}; evaluated as given"
+                )
+        return warnings
 
 
 # ---- parsing ----------------------------------------------------------------------------------------------
