@@ -165,7 +165,8 @@ def test_a_direction_that_contradicts_the_objective_is_one_line_and_no_trial(
         ),
         (  # a fixed setting every trial fails on (synthetic_tiny's 16-pixel images with CIFAR's 32)
             ("data=cifar10",),
-            "error: search space, with optimizer=sgd: data.image_size=16 is not allowed; allowed: 32 with data=",
+            "error: search space, with optimizer=sgd, optimizer.lr=0.0001, model.dropout=0.0: data.image_size=16 is not "
+            "allowed; allowed: 32 with data=",
         ),
     ],
 )
@@ -185,6 +186,15 @@ def test_a_search_space_that_reaches_a_bad_config_stops_before_any_trial(tmp_pat
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
     assert not (sweep / "journal.log").exists() and not list(sweep.glob("trial_*"))  # no study, no trial
+
+
+@pytest.mark.slow
+def test_precheck_false_leaves_the_space_to_the_trials(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("model.dropout=interval(0.0,1.5)", "hydra.sweeper.precheck=false", "hydra.sweeper.n_trials=2")
+    result = _sweep(tmp_path, sweep, *TINY, *args)
+    assert "search space" not in result.stderr and (sweep / "journal.log").exists(), result.stderr[-2000:]
+    assert len(_trials(sweep, "synthetic_tiny")) == 2
 
 
 def test_enqueued_values_are_checked_against_the_space():
@@ -222,28 +232,27 @@ def test_the_probes_cover_every_choice_both_ends_and_each_active_conditional():
         "trainer.max_epochs": {"when": {"data.name": "cifar10"}, "space": "interval(5, 9)"},  # never active
     }
     space, _ = build_space(params, ["data.name=synthetic"], conditional)
-    got = [(what, sorted(p.items())) for what, p in probes(space)]
-    base = {"optimizer": "sgd", "optimizer.lr": "0.0001"}
-    assert got == [
-        ("optimizer=sgd", sorted(base.items())),
-        ("optimizer=momentum", sorted({**base, "optimizer": "momentum"}.items())),
-        ("optimizer=adam", sorted({**base, "optimizer": "adam"}.items())),
-        ("optimizer.lr=0.03", sorted({**base, "optimizer.lr": "0.03"}.items())),
+    got = [(what, p) for what, p in probes(space)]
+    assert got == [  # rounds: each parameter's k-th value, cycling through the shorter lists
+        ("optimizer=sgd, optimizer.lr=0.0001", {"optimizer": "sgd", "optimizer.lr": "0.0001"}),
+        ("optimizer=momentum, optimizer.lr=0.03", {"optimizer": "momentum", "optimizer.lr": "0.03"}),
+        ("optimizer=adam, optimizer.lr=0.0001", {"optimizer": "adam", "optimizer.lr": "0.0001"}),
+        # each conditional with its `when` values; the one on data.name=cifar10 is never active here
         (
             "optimizer.momentum=0.5",
-            sorted({**base, "optimizer": "momentum", "optimizer.momentum": "0.5"}.items()),
+            {"optimizer": "momentum", "optimizer.lr": "0.0001", "optimizer.momentum": "0.5"},
         ),
         (
             "optimizer.momentum=0.95",
-            sorted({**base, "optimizer": "momentum", "optimizer.momentum": "0.95"}.items()),
+            {"optimizer": "momentum", "optimizer.lr": "0.0001", "optimizer.momentum": "0.95"},
         ),
         (
             "optimizer.betas=[0.9,0.999]",
-            sorted({**base, "optimizer": "adam", "optimizer.betas": "[0.9,0.999]"}.items()),
+            {"optimizer": "adam", "optimizer.lr": "0.0001", "optimizer.betas": "[0.9,0.999]"},
         ),
         (
             "optimizer.betas=[0.8,0.99]",
-            sorted({**base, "optimizer": "adam", "optimizer.betas": "[0.8,0.99]"}.items()),
+            {"optimizer": "adam", "optimizer.lr": "0.0001", "optimizer.betas": "[0.8,0.99]"},
         ),
     ]
 

@@ -5,10 +5,10 @@ draw the bad value: each one FAILs, a good trial running beside them is stopped 
 sweep ends with "too many failed trials". Here the sweep stops before any trial, with one line naming the
 parameter, the value and what is allowed.
 
-The probes: every choice of every categorical parameter and both ends of every interval/range, each with the
-other parameters at their first value; every conditional parameter likewise, with its ``when`` keys set to
-values that make it active. Each probe is composed the way Hydra composes a trial (``load_sweep_config``: the
-stock BasicSweeper's own check) and, for cifarlab's own ``train.py``, checked by :func:`cifarlab.config.validate`.
+The probes: every choice of every categorical parameter and both ends of every interval/range; every conditional
+parameter likewise, with its ``when`` keys set to values that make it active (see :func:`probes`). Each probe is
+composed the way Hydra composes a trial (``load_sweep_config``: the stock BasicSweeper's own check) and, for
+cifarlab's own ``train.py``, checked by :func:`cifarlab.config.validate`.
 """
 
 from __future__ import annotations
@@ -20,22 +20,18 @@ from cifarlab.sweeper.space import SearchSpace, SearchSpaceError, value_text
 
 
 def probes(space: SearchSpace) -> Iterator[tuple[str, dict[str, str]]]:
-    """(the parameter and value probed, every searched parameter's override text) for each probe."""
+    """(what is probed, every probed parameter's override text) for each probe.
+
+    Probes go in rounds: round k gives every parameter its k-th value (cycling through the shorter lists), so
+    every value is composed once in as many compositions as the longest list has values (6 instead of 17 for
+    cifar10_optuna's parameters: a composition costs ~0.12 s on 2 AMD EPYC cores). Any round is a parameter set a
+    trial could draw. Conditional parameters that need the same ``when`` values share rounds the same way."""
     values = {name: _ends(space, name, dist) for name, dist in space.params.items()}
     first = {name: texts[0] for name, texts in values.items() if texts}
-    seen: set[tuple[tuple[str, str], ...]] = set()
-
-    def once(what: str, params: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
-        key = tuple(sorted(params.items()))
-        if key not in seen:
-            seen.add(key)
-            yield what, params
-
-    for name, texts in values.items():
-        for text in texts:
-            yield from once(f"{name}={text}", {**first, name: text})
+    yield from _rounds(values, {})
+    groups: dict[tuple[tuple[str, str], ...], dict[str, list[str]]] = {}
     for cond in space.conditional:
-        active = dict(first)
+        active: dict[str, str] = {}
         for key, allowed in cond.when.items():
             if key in space.fixed or key in space.context:
                 if not _matches(space.fixed.get(key, space.context.get(key)), allowed):
@@ -45,8 +41,16 @@ def probes(space: SearchSpace) -> Iterator[tuple[str, dict[str, str]]]:
             else:
                 break  # a config key the search does not set: its value decides at run time
         else:
-            for text in _ends(space, cond.name, cond.distribution):
-                yield from once(f"{cond.name}={text}", {**active, cond.name: text})
+            group = groups.setdefault(tuple(sorted(active.items())), {})
+            group[cond.name] = _ends(space, cond.name, cond.distribution)
+    for when, conditional in groups.items():
+        yield from _rounds(conditional, {**first, **dict(when)})
+
+
+def _rounds(values: dict[str, list[str]], base: dict[str, str]) -> Iterator[tuple[str, dict[str, str]]]:
+    for k in range(max((len(texts) for texts in values.values()), default=0)):
+        probed = {name: texts[k % len(texts)] for name, texts in values.items()}
+        yield ", ".join(f"{name}={text}" for name, text in probed.items()), {**base, **probed}
 
 
 def check_space(

@@ -62,6 +62,7 @@ class CifarlabOptunaSweeperConf:
         300.0  # a trial of another host's sweep process without heartbeat this long is retried
     )
     plots: bool = True  # PNG plots in the sweep folder at the end
+    precheck: bool = True  # compose and check every kind of value the space gives before the first trial
     wandb_summary: bool = (
         True  # a W&B summary run of the study at the end (cifarlab.loggers.log_sweep_summary)
     )

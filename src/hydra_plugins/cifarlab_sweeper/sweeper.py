@@ -37,7 +37,11 @@ class CifarlabOptunaSweeper(Sweeper):
             search_path = self.hydra_context.config_loader.get_search_path().get_path()
             settings = settings_from_hydra(self.conf, self.config, arguments, self.task_function, search_path)
             # a task_command may be any script with its own config: only this app's trials are composed here
-            precheck = None if self.conf.get("task_command") else self._precheck
+            precheck = (
+                self._precheck
+                if self.conf.get("precheck", True) and not self.conf.get("task_command")
+                else None
+            )
             workers = int(self.conf.get("workers") or 0)
             if workers <= 0:
                 return run_sweep(settings, precheck=precheck)
