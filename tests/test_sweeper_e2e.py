@@ -146,6 +146,13 @@ def test_real_sweep_runs_trials_concurrently_prunes_and_survives_failing_trials(
     sweep = tmp_path / "sweep"
     result = _run(_cmd(conf, "e2e_real", sweep), tmp_path, timeout=480)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # the diverging learning rate lies outside the search's interval: said in one line, then evaluated as given
+    out = result.stdout + result.stderr
+    assert (
+        "warning: hydra.sweeper.enqueue_trials[1]: optimizer.lr=1e+30 is outside 0.0001 <= optimizer.lr"
+        in out
+    )
+    assert "Fixed parameter" not in out  # Optuna's own two-line warning of the same
 
     trials = _trials(f"journal:{sweep}/journal.log", "e2e")
     states = {t.number: t.state for t in trials}

@@ -210,6 +210,13 @@ def test_enqueued_values_are_checked_against_the_space():
     assert space.check_values({"trainer.max_epochs": 6}, "q") == [
         "q: trainer.max_epochs=6 is outside 2 <= trainer.max_epochs <= 5; evaluated as given"
     ]
+    # a list for a choice of lists is the text Optuna stores for it
+    lists, _ = build_space({"optimizer.betas": "choice([0.9,0.999], [0.8,0.99])"}, [])
+    assert lists.choice_values({"optimizer.betas": [0.8, 0.99], "x": [1]}) == {
+        "optimizer.betas": "[0.8,0.99]",
+        "x": [1],
+    }
+    assert lists.check_values(lists.choice_values({"optimizer.betas": [0.8, 0.99]}), "q") == []
     for bad, message in [
         ({"optimizer": "rmsprop"}, "q: optimizer=rmsprop is not allowed; allowed: sgd, adam"),
         (

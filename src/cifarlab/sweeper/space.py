@@ -119,6 +119,22 @@ class SearchSpace:
     def names(self) -> list[str]:
         return list(self.params) + [c.name for c in self.conditional]
 
+    def choice_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``{optimizer.betas: [0.8, 0.99]}`` → ``{optimizer.betas: "[0.8,0.99]"}``: a list given for a choice
+        parameter as the text Optuna stores for that choice (see :func:`_choice`)."""
+        from optuna.distributions import CategoricalDistribution
+
+        dists = {**self.params, **{c.name: c.distribution for c in self.conditional}}
+        out = dict(values)
+        for name, value in values.items():
+            dist = dists.get(name)
+            if isinstance(dist, CategoricalDistribution) and isinstance(value, (list, tuple)):
+                wanted = normalise(value)
+                out[name] = next(
+                    (c for c in dist.choices if isinstance(c, str) and normalise(c) == wanted), value
+                )
+        return out
+
     def check_values(self, values: Mapping[str, Any], where: str) -> list[str]:
         """Raise SearchSpaceError for a value Optuna cannot store for its parameter (a choice it does not have, a
         number that is not one); return a warning for each number outside its interval, which Optuna evaluates as
