@@ -189,6 +189,20 @@ def test_a_search_space_that_reaches_a_bad_config_stops_before_any_trial(tmp_pat
 
 
 @pytest.mark.slow
+def test_the_precheck_resolves_hydra_interpolations_as_a_trial_does(tmp_path):
+    """${output_dir} and ${hydra:...} resolve against a trial's Hydra config; the sweep process has none of its own."""
+    sweep = tmp_path / "sweep"
+    args = (
+        "data.cache_dir=${output_dir}/cache",
+        "logger.project=${hydra:job.name}",
+        "hydra.sweeper.n_trials=1",
+    )
+    _ok(_sweep(tmp_path, sweep, *TINY, *args))
+    [trial] = _trials(sweep, "synthetic_tiny")
+    assert trial.state == TrialState.COMPLETE  # refused before the fix: "HydraConfig was not set"
+
+
+@pytest.mark.slow
 def test_precheck_false_leaves_the_space_to_the_trials(tmp_path):
     sweep = tmp_path / "sweep"
     args = ("model.dropout=interval(0.0,1.5)", "hydra.sweeper.precheck=false", "hydra.sweeper.n_trials=2")

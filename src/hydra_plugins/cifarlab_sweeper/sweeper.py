@@ -73,6 +73,7 @@ class CifarlabOptunaSweeper(Sweeper):
     def _precheck(self, space: Any, base_overrides: list[str]) -> None:
         """Every kind of value the search space gives composes as a trial's config and passes cifarlab's checks
         (cifarlab.sweeper.precheck), before the study is opened."""
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf, open_dict
 
         from cifarlab.cli import one_line
@@ -85,8 +86,13 @@ class CifarlabOptunaSweeper(Sweeper):
         mains = [s["path"] for s in sources if s.get("provider") == "main" and s.get("schema") == "file"]
         conf_dir = Path(mains[0]) if mains else Path(".")
 
+        hydra_config = HydraConfig.instance()
+        previous = hydra_config.cfg
+
         def compose(overrides: list[str]) -> DictConfig:
             cfg = loader.load_sweep_config(master, overrides)
+            # a trial resolves ${hydra:...} and ${output_dir} against its own Hydra config: so does the probe
+            hydra_config.set_config(cfg)
             with open_dict(cfg):
                 del cfg["hydra"]
             return cfg
@@ -98,4 +104,9 @@ class CifarlabOptunaSweeper(Sweeper):
             ):  # train.py's config, not another app's
                 validate(cfg)
 
-        check_space(space, base_overrides, compose, check, lambda err, args: one_line(err, args, conf_dir))
+        try:
+            check_space(
+                space, base_overrides, compose, check, lambda err, args: one_line(err, args, conf_dir)
+            )
+        finally:
+            hydra_config.cfg = previous
