@@ -129,6 +129,21 @@ def test_a_data_dir_that_cannot_be_created_is_named(tmp_path):
         pass
 
 
+def test_extracted_cifar_in_a_read_only_folder_loads(tmp_path, monkeypatch):
+    """A shared, read-only copy of the extracted batches needs no lock file (root can write anywhere, so the lock is
+    made to fail instead of the folder's mode)."""
+    write_cifar_archive(tmp_path)
+    load_cifar(tmp_path, "cifar10", download=False, verify_checksum=False)  # extracts
+    import cifarlab.data
+
+    def no_lock(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".cifar10.lock"))
+
+    monkeypatch.setattr(cifarlab.data, "FileLock", no_lock)
+    train_x, *_ = load_cifar(tmp_path, "cifar10", download=False, verify_checksum=False)
+    assert len(train_x) > 0
+
+
 def test_no_network_says_where_to_put_the_archive(tmp_path, monkeypatch):
     # A closed local port: the download fails at once, like a machine without network.
     monkeypatch.setitem(CIFAR["cifar10"], "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")

@@ -388,6 +388,11 @@ def not_a_checkpoint(tmp_path_factory) -> Path:
             ["data=synthetic", "hydra.run.dir=A_FILE/run"],
             "error: hydra.run.dir=A_FILE/run is not allowed: cannot create A_FILE/run (Not a directory)",
         ),
+        (  # an interpolated folder under a file: the literal part names it
+            "train.py",
+            ["data=synthetic", "hydra.run.dir=A_FILE/${now:%Y}"],
+            "error: hydra.run.dir=A_FILE/${now:%Y} is not allowed: cannot create A_FILE/",
+        ),
         (
             "train.py",
             ["-m", "hparams_search=synthetic_tiny", "hydra.sweep.dir=A_FILE/sweep"],

@@ -92,7 +92,11 @@ def _unwritable_output_dir(err: BaseException, args: Sequence[str]) -> str | Non
     failed = Path(os.path.abspath(str(err.filename)))
     given = {k: v for k, _, v in (a.lstrip("+").partition("=") for a in args) if k in _OUTPUT_DIRS}
     for key in _OUTPUT_DIRS:
-        folder = Path(os.path.abspath(given.get(key, _OUTPUT_DIRS[key])))
+        value = given.get(key, _OUTPUT_DIRS[key])
+        literal = value.split("${")[0].rpartition("/")[0] if "${" in value else value  # /x/${now:%H} → /x
+        if not literal:
+            continue  # all of it is interpolated: no telling which folder it names
+        folder = Path(os.path.abspath(literal))
         if failed == folder or folder in failed.parents or failed in folder.parents:
             value = given.get(key, f"{_OUTPUT_DIRS[key]}/... (the default)")
             return (

@@ -66,6 +66,10 @@ def download_cifar(root: Path, name: str, download: bool = True, verify_checksum
     A file lock makes parallel trials wait for one download instead of racing each other.
     """
     root = Path(root)
+    spec = CIFAR[name]
+    folder = root / spec["folder"]
+    if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
+        return folder  # extracted already: no lock needed, and the folder may be read-only (a shared copy)
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(root / f".{name}.lock"))
