@@ -113,6 +113,26 @@ def test_a_conditional_parameter_fixed_on_the_command_line_is_not_searched(tmp_p
         assert _config(t)["optimizer"]["momentum"] == 0.9
 
 
+def test_a_fixed_conditional_parameter_goes_only_to_the_trials_whose_when_holds():
+    """optimizer.betas=[0.8,0.99] with optimizer searched: an sgd trial has no betas key (it failed on it before)."""
+    from cifarlab.sweeper.space import build_space
+
+    params = {"optimizer": "choice(sgd, adam)"}
+    conditional = {
+        "optimizer.betas": {"when": {"optimizer": "adam"}, "space": "choice([0.9,0.999], [0.8,0.99])"}
+    }
+    space, passthrough = build_space(
+        params, ["optimizer.betas=[0.8,0.99]", "trainer.max_epochs=2"], conditional
+    )
+    assert passthrough == ["trainer.max_epochs=2"] and space.names() == ["optimizer"]
+    assert space.overrides({"optimizer": "sgd"}) == ["optimizer=sgd"]
+    assert space.overrides({"optimizer": "adam"}) == ["optimizer=adam", "optimizer.betas=[0.8,0.99]"]
+    fixed, _ = build_space(
+        {}, ["optimizer=adam", "optimizer.betas=[0.8,0.99]"], conditional
+    )  # `when` on a fixed key
+    assert fixed.overrides({}) == ["optimizer.betas=[0.8,0.99]"]
+
+
 # ---- a direction that contradicts the objective: refused before any trial ------------------------------------
 
 
@@ -158,6 +178,10 @@ def test_a_direction_that_contradicts_the_objective_is_one_line_and_no_trial(
         (  # a conditional parameter, probed with its `when` key set: optimizer=adam (conf: see below)
             ("hparams_search=bad_betas",),
             "error: search space: optimizer.betas=[0.9, 1.5] is not allowed; allowed: two numbers in [0, 1)",
+        ),
+        (  # a bad plain value on the command line is the command line's, not the search space's
+            ("trainer.max_epochs=0",),
+            "error: trainer.max_epochs=0 is not allowed; allowed: max_epochs >= 1",
         ),
         (  # an enqueued parameter set outside the space: Optuna raised at that trial's first suggest
             ("hydra.sweeper.enqueue_trials=[{optimizer: adamm}]",),

@@ -66,8 +66,13 @@ def check_space(
     error the way the command line does (cifarlab.cli.one_line)."""
     from cifarlab.config import ConfigError
 
+    fixed = {o.lstrip("+~").partition("=")[0] for o in base_overrides} | set(space.fixed_conditional)
     for what, params in probes(space):
         overrides = [*base_overrides, *(f"{k}={v}" for k, v in params.items())]
+        values = {**space.context, **space.fixed, **params}
+        for name, (when, text) in space.fixed_conditional.items():  # as Sweep.overrides passes them
+            if all(_matches(values.get(key), allowed) for key, allowed in when.items()):
+                overrides.append(f"{name}={text}")
         try:
             cfg = compose(overrides)
             if check is not None:
@@ -75,7 +80,10 @@ def check_space(
         except Exception as err:  # noqa: BLE001 - Hydra's composition errors, worded as on the command line
             message = str(err) if isinstance(err, ConfigError) else one_line(err, overrides)
             named = any(message.startswith(f"{k}=") for k in params) or message.startswith(what)
-            where = "search space: " if named else f"search space, with {what}: "
+            given = any(
+                message.startswith(f"{k}=") for k in fixed
+            )  # trainer.max_epochs=0 on the command line
+            where = "" if given else "search space: " if named else f"search space, with {what}: "
             raise SearchSpaceError(where + message) from None
 
 

@@ -61,6 +61,8 @@ class SearchSpace:
     conditional: list[Conditional] = field(default_factory=list)  # in dependency order
     fixed: dict[str, str] = field(default_factory=dict)  # name → override text, passed to every trial
     choice_texts: dict[str, dict[Any, str]] = field(default_factory=dict)  # name → {choice: override text}
+    # a conditional parameter fixed on the command line: name → (its `when`, override text)
+    fixed_conditional: dict[str, tuple[dict[str, list[str]], str]] = field(default_factory=dict)
     context: dict[str, Any] = field(
         default_factory=dict
     )  # values of `when` keys not searched (from the config)
@@ -81,6 +83,10 @@ class SearchSpace:
         """The command-line overrides of a trial: its sampled parameters, then the fixed ones."""
         out = [f"{name}={self.format(name, value)}" for name, value in params.items()]
         out += [f"{name}={text}" for name, text in self.fixed.items() if name not in params]
+        values = {**self.context, **self.fixed, **params}
+        for name, (when, text) in self.fixed_conditional.items():
+            if all(key in values and normalise(values[key]) in allowed for key, allowed in when.items()):
+                out.append(f"{name}={text}")
         return out
 
     def format(self, name: str, value: Any) -> str:
@@ -196,8 +202,13 @@ def build_space(
         if override.is_sweep_override():
             _add(space, override)
         else:
-            passthrough.append(line)
             key = override.get_key_element()
+            spec = (conditional or {}).get(key)
+            if spec is not None and not override.is_delete():  # a fixed conditional: only where `when` holds
+                when = _conditional(parser, key, spec).when
+                space.fixed_conditional[key] = (when, override.get_value_element_as_str())
+            else:
+                passthrough.append(line)
             space.params.pop(key, None)
             space.fixed.pop(key, None)
             space.choice_texts.pop(key, None)
