@@ -44,7 +44,7 @@ wandb-sync: install  ## upload offline W&B runs: make wandb-sync [ARGS=runs/...]
 
 dashboard:  ## optuna-dashboard: make dashboard [ARGS=multirun/<study>/journal.log or a database URL] (default: the newest sweep's journal)
 	@storage="$(ARGS)"; \
-	if [ -z "$$storage" ]; then storage=$$(ls -t multirun/*/journal.log 2>/dev/null | head -n 1); fi; \
+	if [ -z "$$storage" ]; then storage=$$(ls -t multirun/*/journal.log multirun/*/*/journal.log 2>/dev/null | head -n 1); fi; \
 	if [ -z "$$storage" ]; then echo "make dashboard: no multirun/*/journal.log yet; run a sweep first or give ARGS=<journal file or database URL>" >&2; exit 1; fi; \
 	echo "optuna-dashboard $$storage"; \
 	$(UV) run --frozen --extra dashboard optuna-dashboard $$storage

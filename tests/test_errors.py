@@ -267,6 +267,9 @@ def test_a_key_added_with_plus_past_the_schema_is_refused():
     assert message.startswith("foo=1 is not allowed; allowed: a key of the config: model, data,")
     assert message.endswith("a free-form note goes under extras: +extras.<name>=<value>")
     assert error_line(["+extras.note=baseline", "+extras.nested.deep=1"]) is None
+    assert error_line(["+foo=${nope}"]).startswith(
+        "foo='${nope}' is not allowed;"
+    )  # shown as given, not resolved
 
 
 def test_a_key_of_another_option_says_which_option_has_it():

@@ -88,6 +88,17 @@ def test_make_dashboard_opens_the_newest_sweep_journal_or_says_there_is_none(tmp
         result.stdout.splitlines()[-1]
         == "run --frozen --extra dashboard optuna-dashboard multirun/newer/journal.log"
     )
+    dated = (
+        tmp_path / "multirun" / "2026-11-30" / "12-00-00" / "journal.log"
+    )  # a sweep without a study folder
+    dated.parent.mkdir(parents=True)
+    dated.write_text("")
+    os.utime(dated, (1_700_000_009, 1_700_000_009))
+    assert (
+        dashboard()
+        .stdout.splitlines()[-1]
+        .endswith("optuna-dashboard multirun/2026-11-30/12-00-00/journal.log")
+    )
     result = dashboard("ARGS=sqlite:///studies.db --port 8081")
     assert result.stdout.splitlines()[-1].endswith("optuna-dashboard sqlite:///studies.db --port 8081")
 

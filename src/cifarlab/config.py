@@ -262,9 +262,9 @@ def _check_known_keys(node: DictConfig, path: str = "") -> None:
             if key not in known and not str(key).startswith("_"):
                 where = f"a key of {path.rstrip('.')}" if path else "a key of the config"
                 notes = "" if path else "; a free-form note goes under extras: +extras.<name>=<value>"
+                value = OmegaConf.to_container(node, resolve=False)[key]  # as given: ${...} may not resolve
                 raise ConfigError(
-                    f"{path}{key}={OmegaConf.select(node, str(key))!r} is not allowed; allowed: {where}: "
-                    f"{', '.join(known)}{notes}"
+                    f"{path}{key}={value!r} is not allowed; allowed: {where}: {', '.join(known)}{notes}"
                 )
     for key in node:
         child = node._get_node(key)

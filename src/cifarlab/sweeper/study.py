@@ -142,18 +142,20 @@ def make_storage(spec: str) -> Any:
             raise StorageError(
                 f"{_storage_is(spec)}: cannot import {driver} ({err}); allowed: {STORAGES}"
             ) from err
-        except ArgumentError as err:  # not a URL SQLAlchemy knows (foo://bar): no use retrying
+        except (ArgumentError, ValueError) as err:  # not a URL SQLAlchemy can use (foo://bar, host:notaport)
             raise StorageError(f"{_storage_is(spec)}: {_first_line(err)}; allowed: {STORAGES}") from err
-        except Exception as err:  # e.g. two processes creating the tables at once
+        except Exception as err:  # e.g. two processes creating the tables at once, a database still starting
             last = err
             time.sleep(0.2 * (attempt + 1))
     raise StorageError(
-        f"{_storage_is(spec)}: cannot connect ({_first_line(last)}); allowed: {STORAGES}, reachable from here"
+        f"hydra.sweeper.storage={redact(spec)}: cannot connect after 8 tries in ~7 s ({_first_line(last)}); "
+        "is the database server running and reachable from this machine?"
     ) from last
 
 
 STORAGES = (
-    "a journal file path (default <sweep dir>/journal.log), sqlite:///<file>, postgresql://user:pw@host/db"
+    "a journal file path (default <sweep dir>/journal.log), sqlite:///<file>, postgresql://user:pw@host/db, "
+    "mysql://user:pw@host/db"
 )
 
 
