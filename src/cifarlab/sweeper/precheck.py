@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cifarlab.sweeper.space import SearchSpace, SearchSpaceError, value_text
+from cifarlab.sweeper.space import SearchSpace, SearchSpaceError, normalise, value_text
 
 
 def probes(space: SearchSpace) -> Iterator[tuple[str, dict[str, str]]]:
@@ -34,7 +34,7 @@ def probes(space: SearchSpace) -> Iterator[tuple[str, dict[str, str]]]:
         active: dict[str, str] = {}
         for key, allowed in cond.when.items():
             if key in space.fixed or key in space.context:
-                if not _matches(space.fixed.get(key, space.context.get(key)), allowed):
+                if normalise(space.fixed.get(key, space.context.get(key))) not in allowed:
                     break  # never active with this command line: nothing to check
             elif key in values or any(c.name == key for c in space.conditional):
                 active[key] = allowed[0]
@@ -69,10 +69,7 @@ def check_space(
     fixed = {o.lstrip("+~").partition("=")[0] for o in base_overrides} | set(space.fixed_conditional)
     for what, params in probes(space):
         overrides = [*base_overrides, *(f"{k}={v}" for k, v in params.items())]
-        values = {**space.context, **space.fixed, **params}
-        for name, (when, text) in space.fixed_conditional.items():  # as Sweep.overrides passes them
-            if all(_matches(values.get(key), allowed) for key, allowed in when.items()):
-                overrides.append(f"{name}={text}")
+        overrides += space.fixed_conditional_overrides(params)  # as SearchSpace.overrides passes them
         try:
             cfg = compose(overrides)
             if check is not None:
@@ -93,9 +90,3 @@ def _ends(space: SearchSpace, name: str, dist: Any) -> list[str]:
     if isinstance(dist, CategoricalDistribution):
         return [space.format(name, choice) for choice in dist.choices]
     return [value_text(dist.low), value_text(dist.high)]
-
-
-def _matches(given: Any, allowed: list[str]) -> bool:
-    from cifarlab.sweeper.space import normalise
-
-    return normalise(given) in allowed

@@ -374,8 +374,7 @@ class Sweep:
         the kind of a parameter) stops here, with one line, instead of with a traceback at its first ask."""
         from optuna.distributions import check_distribution_compatibility
 
-        wanted = dict(self.space.params)
-        wanted.update({c.name: c.distribution for c in self.space.conditional})
+        wanted = self.space.distributions()
         stored: dict[str, Any] = {}
         for t in study.get_trials(deepcopy=False):
             for name, dist in t.distributions.items():

@@ -61,8 +61,8 @@ class SearchSpace:
     conditional: list[Conditional] = field(default_factory=list)  # in dependency order
     fixed: dict[str, str] = field(default_factory=dict)  # name → override text, passed to every trial
     choice_texts: dict[str, dict[Any, str]] = field(default_factory=dict)  # name → {choice: override text}
-    # a conditional parameter fixed on the command line: name → (its `when`, override text)
-    fixed_conditional: dict[str, tuple[dict[str, list[str]], str]] = field(default_factory=dict)
+    # a conditional parameter fixed on the command line: name → (its condition, override text)
+    fixed_conditional: dict[str, tuple[Conditional, str]] = field(default_factory=dict)
     context: dict[str, Any] = field(
         default_factory=dict
     )  # values of `when` keys not searched (from the config)
@@ -83,11 +83,14 @@ class SearchSpace:
         """The command-line overrides of a trial: its sampled parameters, then the fixed ones."""
         out = [f"{name}={self.format(name, value)}" for name, value in params.items()]
         out += [f"{name}={text}" for name, text in self.fixed.items() if name not in params]
+        return out + self.fixed_conditional_overrides(params)
+
+    def fixed_conditional_overrides(self, params: Mapping[str, Any]) -> list[str]:
+        """The conditional parameters fixed on the command line whose condition holds for ``params``."""
         values = {**self.context, **self.fixed, **params}
-        for name, (when, text) in self.fixed_conditional.items():
-            if all(key in values and normalise(values[key]) in allowed for key, allowed in when.items()):
-                out.append(f"{name}={text}")
-        return out
+        return [
+            f"{name}={text}" for name, (cond, text) in self.fixed_conditional.items() if cond.active(values)
+        ]
 
     def format(self, name: str, value: Any) -> str:
         texts = self.choice_texts.get(name) or next((c.texts for c in self.conditional if c.name == name), {})
@@ -125,12 +128,16 @@ class SearchSpace:
     def names(self) -> list[str]:
         return list(self.params) + [c.name for c in self.conditional]
 
+    def distributions(self) -> dict[str, BaseDistribution]:
+        """Every searched parameter's distribution, the conditional ones included."""
+        return {**self.params, **{c.name: c.distribution for c in self.conditional}}
+
     def choice_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """``{optimizer.betas: [0.8, 0.99]}`` → ``{optimizer.betas: "[0.8,0.99]"}``: a list given for a choice
         parameter as the text Optuna stores for that choice (see :func:`_choice`)."""
         from optuna.distributions import CategoricalDistribution
 
-        dists = {**self.params, **{c.name: c.distribution for c in self.conditional}}
+        dists = self.distributions()
         out = dict(values)
         for name, value in values.items():
             dist = dists.get(name)
@@ -147,7 +154,7 @@ class SearchSpace:
         given (a known-good set from an earlier, wider study)."""
         from optuna.distributions import CategoricalDistribution
 
-        dists = {**self.params, **{c.name: c.distribution for c in self.conditional}}
+        dists = self.distributions()
         warnings = []
         for name, value in values.items():
             dist = dists.get(name)
@@ -205,8 +212,10 @@ def build_space(
             key = override.get_key_element()
             spec = (conditional or {}).get(key)
             if spec is not None and not override.is_delete():  # a fixed conditional: only where `when` holds
-                when = _conditional(parser, key, spec).when
-                space.fixed_conditional[key] = (when, override.get_value_element_as_str())
+                space.fixed_conditional[key] = (
+                    _conditional(parser, key, spec),
+                    override.get_value_element_as_str(),
+                )
             else:
                 passthrough.append(line)
             space.params.pop(key, None)

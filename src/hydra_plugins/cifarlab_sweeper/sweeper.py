@@ -45,17 +45,17 @@ class CifarlabOptunaSweeper(Sweeper):
             workers = int(self.conf.get("workers") or 0)
             if workers <= 0:
                 return run_sweep(settings, precheck=precheck)
+            # each job composes the task config again: give it the command line's plain (non-sweep) overrides
+            space, plain = build_space(
+                settings.params, settings.arguments, settings.conditional, settings.context
+            )
             if precheck is not None:
-                precheck(
-                    *build_space(settings.params, settings.arguments, settings.conditional, settings.context)
-                )
+                precheck(space, plain)
             launcher = Plugins.instance().instantiate_launcher(
                 config=self.config,
                 hydra_context=self.hydra_context,
                 task_function=functools.partial(worker_main, settings),
             )
-            # each job composes the task config again: give it the command line's plain (non-sweep) overrides
-            _, plain = build_space(settings.params, settings.arguments, settings.conditional)
             jobs = [[*plain, f"hydra.sweep.subdir=workers/{i}"] for i in range(workers)]
             returns = launcher.launch(jobs, initial_job_idx=0)
             from cifarlab.sweeper.results import summarise_study
