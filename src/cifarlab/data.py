@@ -66,9 +66,8 @@ def download_cifar(root: Path, name: str, download: bool = True, verify_checksum
     A file lock makes parallel trials wait for one download instead of racing each other.
     """
     root = Path(root)
-    spec = CIFAR[name]
-    folder = root / spec["folder"]
-    if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
+    folder = root / CIFAR[name]["folder"]
+    if not _missing_batches(folder, name):
         return folder  # extracted already: no lock needed, and the folder may be read-only (a shared copy)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -85,11 +84,17 @@ def download_cifar(root: Path, name: str, download: bool = True, verify_checksum
         lock.release()
 
 
+def _missing_batches(folder: Path, name: str) -> list[str]:
+    """The python batch files of CIFAR ``name`` that ``folder`` lacks."""
+    spec = CIFAR[name]
+    return [f for f in spec["train"] + spec["test"] if not (folder / f).is_file()]
+
+
 def _fetch_cifar(root: Path, name: str, download: bool, verify_checksum: bool) -> Path:
     """download_cifar's work, under its lock."""
     spec = CIFAR[name]
     folder = root / spec["folder"]
-    if all((folder / f).is_file() for f in spec["train"] + spec["test"]):
+    if not _missing_batches(folder, name):  # another process extracted them while this one waited
         return folder
     archive = root / spec["archive"]
     if not archive.is_file():
@@ -120,7 +125,7 @@ def _fetch_cifar(root: Path, name: str, download: bool, verify_checksum: bool) -
         raise DataError(
             f"data={name}: {archive} is corrupt or incomplete ({err}); delete it and run again"
         ) from None
-    missing = [f for f in spec["train"] + spec["test"] if not (folder / f).is_file()]
+    missing = _missing_batches(folder, name)
     if missing:
         raise DataError(f"data={name}: {archive} does not contain {folder.name}/{missing[0]}; delete it")
     return folder
