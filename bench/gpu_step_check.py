@@ -7,9 +7,8 @@ Trains the course CNN twice from the same weights on the same batch plans (augme
 per-step cosine schedule so the learning rate changes every step): once eager, once with the step captured
 in a CUDA graph and replayed; with torch's Adam, SGD, RMSprop (in its capturable form both times), Adagrad (as
 CapturableAdagrad both times) and the course's own Adam (in its capturable form both times), and torch's Adam
-and Nesterov SGD under a one-cycle
-schedule, which cycles β1 / the momentum (read from a device tensor, in the form that can: Adam's
-single-tensor capturable one, DeviceMomentumSGD, both times). Prints (and writes as JSON) the largest
+and Nesterov SGD under a one-cycle schedule, which cycles β1 / the momentum (read from a device tensor, in the
+form that can: Adam's single-tensor capturable one, DeviceMomentumSGD, both times). Prints (and writes as JSON) the largest
 parameter difference, relative to the parameter's scale, for fp32 and bf16 autocast, and the step modes.
 
 The eager run is repeated as a third run from the same start: the difference between the two eager runs is the
