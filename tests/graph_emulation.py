@@ -11,6 +11,9 @@ with ATen operations:
 - :meth:`CUDAGraph.replay` runs the recorded operations again on the recorded tensors, writing each result
   into the tensor the capture produced (a fixed address) and mutating in place what the capture mutated.
   Python does not run: a float read by the captured code is baked in, a tensor's current value is read;
+- a replay refuses to run if a tensor the capture read or wrote has since moved to other memory (``.data``
+  replaced, as ``module.to()`` does): a GPU's graph would go on using the old address, its kernels reading
+  whatever is there now;
 - an operation that needs the host to wait for the device (``.item()``, ``float(t)``, ``nonzero``) fails the
   capture, as it does on a GPU (``operation not permitted when stream is capturing``).
 
@@ -94,13 +97,19 @@ class _Recorder(TorchDispatchMode):
         for i in fresh:
             self.created.update(t.untyped_storage().data_ptr() for t in _tensors(results[i]))
         if fresh or _written_tensors(func, args, kwargs):  # else a view: its memory exists already
-            self.ops.append((func, args, kwargs, [results[i] for i in fresh], fresh))
+            # The addresses the graph's kernels were given: a replay checks that every tensor still has them.
+            addresses = [(t, t.untyped_storage().data_ptr()) for t in _tensors((args, kwargs))]
+            self.ops.append((func, args, kwargs, [results[i] for i in fresh], fresh, addresses))
         return out
 
     def undo(self) -> None:
         for storage, before in self.saved.values():
             storage.copy_(before)
         self.saved.clear()
+
+
+class MovedMemoryError(RuntimeError):
+    """A replay whose graph reads memory that a tensor has left: on a GPU, stale or freed memory, silently."""
 
 
 class CUDAGraph:
@@ -115,7 +124,13 @@ class CUDAGraph:
             raise RuntimeError("replay of a graph that was never captured")
         # Below autograd and autocast, as a graph's kernels are: each operation exactly as it was recorded.
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            for func, args, kwargs, recorded, fresh in self.ops:
+            for func, args, kwargs, recorded, fresh, addresses in self.ops:
+                for t, address in addresses:
+                    if t.untyped_storage().data_ptr() != address:
+                        raise MovedMemoryError(
+                            f"replay of {func}: a tensor it reads was moved since the capture (e.g. module.to(),"
+                            " load_state_dict(assign=True)); a GPU's graph would read the memory it left"
+                        )
                 out = func(*args, **kwargs)  # in-place and out= operations write the recorded tensors here
                 results = out if isinstance(out, tuple) else (out,)
                 for into, i in zip(recorded, fresh, strict=True):  # fresh results: into the capture's memory

@@ -230,6 +230,37 @@ def test_captured_evaluation_gives_the_eager_sums_for_every_batch_shape(graphs):
     assert EvalStep.metrics(sums[True]) == pytest.approx(plain_evaluation(net, batches), rel=1e-5)
 
 
+def test_captured_evaluation_follows_the_network_to_new_memory(graphs):
+    """A run's test after its fit: Lightning moves the network to the CPU at the fit's end and back to the GPU for
+    the test (new memory for every weight), and loads the best checkpoint into it. The graphs captured during
+    validation read the old addresses: replayed, they gave test/acc 0.1000 on an H200. The evaluator captures
+    again when the weights have moved (the emulation refuses a replay on moved memory, as a GPU cannot)."""
+    net = _tiny_net().eval()
+    batches = _batches(n=96, batch=48)
+    batches.shuffle = batches.augment = False
+    evaluator = EvalStep(net, capture=True)
+
+    def evaluate() -> torch.Tensor:
+        evaluator.reset()
+        with torch.inference_mode():
+            for x, y in batches:
+                evaluator(x, y)
+        return evaluator.totals()
+
+    before = plain_evaluation(net, batches)
+    for _ in range(2):  # validation: the first batch warms up, the second is captured, then replays
+        assert EvalStep.metrics(evaluate()) == pytest.approx(before, rel=1e-5)
+    assert evaluator.replays == 3
+    torch.manual_seed(9)  # "the best checkpoint": other weights, loaded into new memory
+    best = {k: v + 0.2 * torch.randn_like(v) for k, v in net.state_dict().items()}
+    net.load_state_dict(best, assign=True)
+    expected = plain_evaluation(net, batches)
+    assert expected[0] != pytest.approx(before[0], rel=1e-3)  # else the test could not tell old from new
+    for _ in range(2):
+        assert EvalStep.metrics(evaluate()) == pytest.approx(expected, rel=1e-5)
+    assert evaluator.capture and evaluator.replays == 3 + 3  # captured again, on the new memory
+
+
 # ---- whole runs: a real Trainer with the captured step -----------------------------------------------------
 
 

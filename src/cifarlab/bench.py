@@ -1134,8 +1134,9 @@ def main(argv: list[str] | None = None) -> int:
             log("concurrent trials on one device:")
             results["gpu_trials"] = concurrent_trials(args, tmp, log, data)
         else:
-            results["gpu_trials"] = {"skipped": "no CUDA device"}
-            log("concurrent trials per GPU: skipped (no CUDA device)")
+            why = "--trials none" if cuda else "no CUDA device"
+            results["gpu_trials"] = {"skipped": why}
+            log(f"concurrent trials per GPU: skipped ({why})")
         if run_seed_baseline:
             log("seed_baseline, 50 epochs:")
             results["seed_baseline"] = seed_baseline(args, tmp, log)

@@ -30,6 +30,7 @@ device, captured per batch shape on a CUDA GPU; read once per validation or test
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -277,7 +278,10 @@ class EvalStep:
     recorded as a CUDA graph (forward, loss, argmax, the sums' update) and replayed for every later batch of
     that shape after copying its pixels and labels into the graph's static buffers; an evaluation of 10,000
     images at batch 1,000 is then 10 replays and one read. The graph is kept per (shape, dtype, train/eval
-    mode) for the whole run, so every validation after the first replays.
+    mode) for the whole run, so every validation after the first replays, as long as the weights stay where
+    they were: a graph reads the addresses it was recorded on, and Lightning moves the network to the CPU at a
+    fit's end and back for the test (the best checkpoint's weights then live elsewhere; replaying the old graphs
+    gave test/acc 0.1000 on an H200), so the graphs are dropped and recorded again when any weight has moved.
     """
 
     def __init__(
@@ -290,6 +294,7 @@ class EvalStep:
         self.images = 0
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._seen: set[tuple] = set()
+        self._weights: tuple[int, ...] = ()  # the addresses of the weights the graphs were recorded on
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> None:
         logits = forward(self.net, x, self.autocast_dtype)  # (B, classes)
@@ -306,6 +311,11 @@ class EvalStep:
         key = (tuple(x.shape), x.stride(), x.dtype, self.net.training)
         if not self.capture:
             return self._accumulate(x, y)
+        weights = tuple(t.data_ptr() for t in itertools.chain(self.net.parameters(), self.net.buffers()))
+        if weights != self._weights:  # moved (or first call): record afresh, warm-up first
+            self._graphs.clear()
+            self._seen.clear()
+            self._weights = weights
         entry = self._graphs.get(key)
         if entry is None:
             if key not in self._seen:  # warm-up: eager
