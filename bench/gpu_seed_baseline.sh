@@ -21,6 +21,15 @@ run() {  # name, timeout, train.py overrides...
   fi
   tail -n +$((lines + 1)) "$log"
 }
-run captured_seed42 90
-run eager_seed42 240 trainer.capture=false
-run captured_seed1 90 seed=1
+# Each argument names one run (default: the first three), e.g. `bash bench/gpu_seed_baseline.sh eager_seed1`.
+for name in "${@:-captured_seed42 eager_seed42 captured_seed1}"; do
+  for n in $name; do
+    case $n in
+      captured_seed42) run captured_seed42 90 ;;
+      eager_seed42) run eager_seed42 240 trainer.capture=false ;;
+      captured_seed1) run captured_seed1 90 seed=1 ;;
+      eager_seed1) run eager_seed1 240 seed=1 trainer.capture=false ;;
+      *) echo "unknown run: $n (captured_seed42, eager_seed42, captured_seed1, eager_seed1)"; exit 1 ;;
+    esac
+  done
+done

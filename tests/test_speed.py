@@ -289,6 +289,9 @@ def test_bench_table_and_target_checks(cuda):
     text = bench.table(results)
     assert "(c)/(b) 0.98 (paired 1.02)" in text and "start-up" in text and "sweeper" in text
     met = bench.check_targets(results)["met"]
+    assert ("targets on a GPU: (c) >= 60,000 img/s" in text) == cuda
+    assert ("targets on a CPU" in text) != cuda
+    assert "targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items()) in text
     if cuda:
         assert "120,000 img/s" in text and "seed_baseline (50 epochs" in text
         assert "(c)/(b') 0.84 (paired 0.85)" in text and "captured" in text

@@ -908,11 +908,18 @@ def table(results: dict[str, Any]) -> str:
             f"(c)/(b') {ratios['train_over_captured']:.2f} (paired {ratios['train_over_captured_paired']:.2f})"
         )
     if parts:
-        lines += [
-            "",
-            "  ".join(parts) + f"   targets on a CPU: (c)/(a) >= {TARGETS['cpu_train_over_reference']:g}x, "
-            f"(c)/(b) >= {TARGETS['cpu_train_over_plain']:g}",
-        ]
+        if results["machine"]["cuda"]:
+            targets = (
+                f"targets on a GPU: (c) >= {TARGETS['gpu_train_img_per_s_b64_fp32']:,} img/s at batch 64 fp32, "
+                f">= {TARGETS['gpu_train_img_per_s_b512_bf16']:,} at batch 512 bf16, "
+                f"(c)/(b') >= {TARGETS['gpu_train_over_captured']:g}"
+            )
+        else:
+            targets = (
+                f"targets on a CPU: (c)/(a) >= {TARGETS['cpu_train_over_reference']:g}x, "
+                f"(c)/(b) >= {TARGETS['cpu_train_over_plain']:g}"
+            )
+        lines += ["", "  ".join(parts) + "   " + targets]
     s = results.get("startup")
     if s and "help_s" in s:
         lines.append(
@@ -945,6 +952,9 @@ def table(results: dict[str, Any]) -> str:
         from cifarlab.sweeper import bench as sweeper_bench
 
         lines.append(sweeper_bench.describe_warm_start(sw["warm_start"]))
+    met = check_targets(results)["met"]
+    if met:
+        lines.append("targets: " + ", ".join(f"{k} {'met' if ok else 'NOT met'}" for k, ok in met.items()))
     return "\n".join(lines)
 
 
