@@ -8,6 +8,7 @@ log="$OUT/seed_baseline.txt"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
 run() {  # name, timeout, train.py overrides...
   local name=$1 limit=$2; shift 2
+  rm -rf "/tmp/$name" "/tmp/$name-eval"  # a run of the same name earlier on this machine: start clean
   local start; start=$(date +%s.%N); local lines; lines=$(wc -l < "$log")
   timeout "$limit" python3 train.py experiment=seed_baseline logger=none hydra.run.dir="/tmp/$name" "$@" \
     > "/tmp/$name.log" 2>&1
@@ -22,14 +23,12 @@ run() {  # name, timeout, train.py overrides...
   tail -n +$((lines + 1)) "$log"
 }
 # Each argument names one run (default: the first three), e.g. `bash bench/gpu_seed_baseline.sh eager_seed1`.
-for name in "${@:-captured_seed42 eager_seed42 captured_seed1}"; do
-  for n in $name; do
-    case $n in
-      captured_seed42) run captured_seed42 90 ;;
-      eager_seed42) run eager_seed42 240 trainer.capture=false ;;
-      captured_seed1) run captured_seed1 90 seed=1 ;;
-      eager_seed1) run eager_seed1 240 seed=1 trainer.capture=false ;;
-      *) echo "unknown run: $n (captured_seed42, eager_seed42, captured_seed1, eager_seed1)"; exit 1 ;;
-    esac
-  done
+for n in ${@:-captured_seed42 eager_seed42 captured_seed1}; do
+  case $n in
+    captured_seed42) run captured_seed42 90 ;;
+    eager_seed42) run eager_seed42 240 trainer.capture=false ;;
+    captured_seed1) run captured_seed1 90 seed=1 ;;
+    eager_seed1) run eager_seed1 240 seed=1 trainer.capture=false ;;
+    *) echo "unknown run: $n (captured_seed42, eager_seed42, captured_seed1, eager_seed1)"; exit 1 ;;
+  esac
 done
