@@ -210,6 +210,15 @@ def test_a_captured_step_follows_a_one_cycle_schedules_momentum_and_every_captur
     assert_same_parameters(net, eager_net, rtol=1e-5, atol=1e-6)
 
 
+def _evaluate(evaluator: EvalStep, batches) -> torch.Tensor:
+    """One validation pass as the module runs it: reset, every batch in inference mode, the totals."""
+    evaluator.reset()
+    with torch.inference_mode():
+        for x, y in batches:
+            evaluator(x, y)
+    return evaluator.totals()
+
+
 def test_captured_evaluation_gives_the_eager_sums_for_every_batch_shape(graphs):
     """Batches of 48, 48, 16 evaluated three times: each shape is warmed up, captured, then replayed."""
     net = _tiny_net().eval()
@@ -219,11 +228,7 @@ def test_captured_evaluation_gives_the_eager_sums_for_every_batch_shape(graphs):
     for capture in (False, True):
         evaluator = EvalStep(net, capture=capture)
         for _ in range(3):
-            evaluator.reset()
-            with torch.inference_mode():
-                for x, y in batches:
-                    evaluator(x, y)
-        sums[capture] = evaluator.totals()
+            sums[capture] = _evaluate(evaluator, batches)
     # 48: eager (warm-up), then captured and replayed 5 times; 16: eager, then captured and replayed twice
     assert evaluator.replays == 7
     torch.testing.assert_close(sums[True], sums[False], rtol=1e-6, atol=1e-6)
@@ -239,17 +244,9 @@ def test_captured_evaluation_follows_the_network_to_new_memory(graphs):
     batches = _batches(n=96, batch=48)
     batches.shuffle = batches.augment = False
     evaluator = EvalStep(net, capture=True)
-
-    def evaluate() -> torch.Tensor:
-        evaluator.reset()
-        with torch.inference_mode():
-            for x, y in batches:
-                evaluator(x, y)
-        return evaluator.totals()
-
     before = plain_evaluation(net, batches)
     for _ in range(2):  # validation: the first batch warms up, the second is captured, then replays
-        assert EvalStep.metrics(evaluate()) == pytest.approx(before, rel=1e-5)
+        assert EvalStep.metrics(_evaluate(evaluator, batches)) == pytest.approx(before, rel=1e-5)
     assert evaluator.replays == 3
     torch.manual_seed(9)  # "the best checkpoint": other weights, loaded into new memory
     best = {k: v + 0.2 * torch.randn_like(v) for k, v in net.state_dict().items()}
@@ -257,7 +254,7 @@ def test_captured_evaluation_follows_the_network_to_new_memory(graphs):
     expected = plain_evaluation(net, batches)
     assert expected[0] != pytest.approx(before[0], rel=1e-3)  # else the test could not tell old from new
     for _ in range(2):
-        assert EvalStep.metrics(evaluate()) == pytest.approx(expected, rel=1e-5)
+        assert EvalStep.metrics(_evaluate(evaluator, batches)) == pytest.approx(expected, rel=1e-5)
     assert evaluator.capture and evaluator.replays == 3 + 3  # captured again, on the new memory
 
 
