@@ -178,6 +178,44 @@ def test_parallel_loaders_extract_once(tmp_path, monkeypatch):
     assert all(torch.equal(r, results[0]) for r in results)
 
 
+def test_a_batch_being_extracted_is_never_visible_to_a_lock_free_reader(tmp_path, monkeypatch):
+    """download_cifar takes the folder without its lock once every batch file is there. So while one loader is
+    half-way through writing the last batch, the folder must still look incomplete, or a concurrent trial reads a
+    truncated batch (a CI run once failed so). A killed extraction's leftovers are cleared by the next one."""
+    write_cifar_archive(tmp_path)
+    stale = tmp_path / ".extract-cifar10-killed"
+    (stale / "cifar-10-batches-py").mkdir(parents=True)
+    halfway, resume = threading.Event(), threading.Event()
+    real_makefile = tarfile.TarFile.makefile
+
+    def slow_makefile(self, tarinfo, targetpath):
+        if tarinfo.name.endswith("test_batch"):  # the last member: every other batch is out already
+            with open(targetpath, "wb") as f:
+                f.write(b"half a batch")
+            halfway.set()
+            assert resume.wait(30)
+        real_makefile(self, tarinfo, targetpath)
+
+    monkeypatch.setattr(tarfile.TarFile, "makefile", slow_makefile)
+    results = []
+    loader = threading.Thread(
+        target=lambda: results.append(load_cifar(tmp_path, "cifar10", download=False, verify_checksum=False))
+    )
+    loader.start()
+    try:
+        assert halfway.wait(30)
+        folder = tmp_path / "cifar-10-batches-py"
+        assert data._missing_batches(folder, "cifar10"), (
+            "a half-written batch is visible to lock-free readers"
+        )
+    finally:
+        resume.set()
+        loader.join()
+    assert len(results) == 1 and len(results[0][3]) == 20
+    assert not data._missing_batches(folder, "cifar10")
+    assert not list(tmp_path.glob(".extract-*"))  # neither this run's staging folder nor the killed run's
+
+
 def test_synthetic_is_deterministic_and_balanced():
     x1, y1 = make_synthetic(500, seed=3)
     x2, y2 = make_synthetic(500, seed=3)

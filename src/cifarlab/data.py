@@ -8,8 +8,11 @@ batch at once. No per-sample PIL work, no worker processes.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import shutil
 import tarfile
+import tempfile
 import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -118,16 +121,28 @@ def _fetch_cifar(root: Path, name: str, download: bool, verify_checksum: bool) -
             f"data={name}: {archive} is corrupt or incomplete (md5 {got}, expected {spec['md5']}); "
             "delete it and run again, or put a good copy there by hand"
         )
+    # Extract into a private folder, then move each batch into place with one atomic rename: download_cifar's
+    # lock-free check (every batch file present) must never see a batch that is still being written, and a
+    # run killed half-way must leave no truncated batch behind. Leftovers of such killed runs go first.
+    for stale in root.glob(f".extract-{name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".extract-{name}-", dir=root))
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(root, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise DataError(
-            f"data={name}: {archive} is corrupt or incomplete ({err}); delete it and run again"
-        ) from None
-    missing = _missing_batches(folder, name)
-    if missing:
-        raise DataError(f"data={name}: {archive} does not contain {folder.name}/{missing[0]}; delete it")
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                tar.extractall(staging, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as err:
+            raise DataError(
+                f"data={name}: {archive} is corrupt or incomplete ({err}); delete it and run again"
+            ) from None
+        missing = _missing_batches(staging / spec["folder"], name)
+        if missing:
+            raise DataError(f"data={name}: {archive} does not contain {folder.name}/{missing[0]}; delete it")
+        folder.mkdir(exist_ok=True)
+        for extracted in sorted((staging / spec["folder"]).iterdir()):
+            os.replace(extracted, folder / extracted.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
