@@ -263,6 +263,25 @@ def test_plain_app_two_objectives_with_nsgaii_list_the_pareto_front(tmp_path):
     assert front == {t.number for t in study.best_trials}
 
 
+def test_the_precheck_names_the_groups_of_the_apps_own_config(tmp_path):
+    """A searched group the app's config does not use is one line listing that config's groups (app.yaml's),
+    not train.yaml's: before, it read "train's config has no extra group; allowed: " with nothing listed."""
+    script, conf = _app(tmp_path), tmp_path / "conf"
+    (conf / "app.yaml").write_text(APP_CONF.replace("defaults:\n", "defaults:\n  - model: small\n"))
+    for group, option in [("model", "small"), ("model", "big"), ("extra", "a"), ("extra", "b")]:
+        (conf / group).mkdir(exist_ok=True)
+        (conf / group / f"{option}.yaml").write_text("z: 1\n")
+    cmd = [PY, str(script), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "extra=choice(a,b)"]
+    result = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: search space: extra=a is not allowed: app's config has no extra group; allowed: model"
+    )
+    assert not (tmp_path / "sweep" / "journal.log").exists()  # stopped before the study was opened
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_plain_app_failing_and_timed_out_trials_cost_only_themselves(tmp_path):

@@ -85,6 +85,7 @@ class CifarlabOptunaSweeper(Sweeper):
         sources = OmegaConf.to_container(master.hydra.runtime.config_sources)
         mains = [s["path"] for s in sources if s.get("provider") == "main" and s.get("schema") == "file"]
         conf_dir = Path(mains[0]) if mains else Path(".")
+        config_name = str(master.hydra.job.config_name or "train")  # its groups are the ones one_line lists
 
         hydra_config = HydraConfig.instance()
         previous = hydra_config.cfg
@@ -106,7 +107,11 @@ class CifarlabOptunaSweeper(Sweeper):
 
         try:
             check_space(
-                space, base_overrides, compose, check, lambda err, args: one_line(err, args, conf_dir)
+                space,
+                base_overrides,
+                compose,
+                check,
+                lambda err, args: one_line(err, args, conf_dir, config_name),
             )
         finally:
             hydra_config.cfg = previous
